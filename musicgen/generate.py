@@ -1,0 +1,166 @@
+"""Delay pattern, sampling (temperature, top-k, top-p) and the autoregressive generation loop."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from musicgen.model import MusicgenDecoder
+
+
+def steps_for_duration(duration: float, frame_rate: float, delays: Sequence[int]) -> int:
+    """Decoder steps that produce `duration` seconds: round(duration * frame_rate) + max delay."""
+    return round(duration * frame_rate) + max(delays)
+
+
+def num_frames(max_steps: int, delays: Sequence[int]) -> int:
+    """Audio frames produced by `max_steps` decoder steps (e.g. 300 steps, delays 0..3 -> 297 frames)."""
+    return max_steps - max(delays)
+
+
+def build_delay_pattern(codes: mx.array, delays: Sequence[int], pad: int) -> mx.array:
+    """Codes (batch, codebooks, frames) -> delayed (batch, codebooks, frames + max delay), codebook q shifted
+    right by delays[q] and padded with `pad`."""
+    b, _, frames = codes.shape
+    width = frames + max(delays)
+    rows = []
+    for q, d in enumerate(delays):
+        left = mx.full((b, d), pad, dtype=codes.dtype)
+        right = mx.full((b, width - frames - d), pad, dtype=codes.dtype)
+        rows.append(mx.concatenate([left, codes[:, q], right], axis=-1))
+    return mx.stack(rows, axis=1)
+
+
+def undo_delay_pattern(delayed: mx.array, delays: Sequence[int]) -> mx.array:
+    """Inverse of build_delay_pattern: (batch, codebooks, steps) -> (batch, codebooks, steps - max delay)."""
+    frames = delayed.shape[-1] - max(delays)
+    return mx.stack([delayed[:, q, d : d + frames] for q, d in enumerate(delays)], axis=1)
+
+
+def delay_valid_mask(max_steps: int, delays: Sequence[int]) -> mx.array:
+    """Bool (max_steps, codebooks): True where step s generates a real token of codebook q, else padding."""
+    frames = num_frames(max_steps, delays)
+    steps = mx.arange(max_steps)[:, None]
+    d = mx.array(list(delays))[None, :]
+    return (steps >= d) & (steps < d + frames)
+
+
+def sample(
+    logits: mx.array,
+    key: mx.array | None = None,
+    *,
+    top_k: int = 250,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+) -> mx.array:
+    """Draw one token per row of logits (rows, vocab) -> int32 (rows,).
+
+    transformers' order: temperature, then top-k (exactly k candidates), then top-p (nucleus over what is
+    left). top_k=1 or temperature=0 is greedy argmax; top_k=0 keeps every token; top_p of 0 or >= 1 is off.
+    """
+    if top_k == 1 or temperature <= 0:
+        return mx.argmax(logits, axis=-1).astype(mx.int32)
+    logits = logits.astype(mx.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
+    index = None
+    if 0 < top_k < logits.shape[-1]:
+        index = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[..., :top_k]
+        logits = mx.take_along_axis(logits, index, axis=-1)
+    if 0.0 < top_p < 1.0:
+        order = mx.argsort(-logits, axis=-1)
+        logits = mx.take_along_axis(logits, order, axis=-1)
+        index = order if index is None else mx.take_along_axis(index, order, axis=-1)
+        probs = mx.softmax(logits, axis=-1)
+        before = mx.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+        logits = mx.where(before < top_p, logits, -mx.inf)
+    choice = mx.random.categorical(logits, axis=-1, key=key)
+    if index is not None:
+        choice = mx.take_along_axis(index, choice[..., None], axis=-1)[..., 0]
+    return choice.astype(mx.int32)
+
+
+def generate_tokens(
+    decoder: MusicgenDecoder,
+    encoder_states: mx.array,
+    encoder_mask: mx.array | None,
+    max_steps: int,
+    *,
+    top_k: int = 250,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+    guidance_coef: float = 3.0,
+    seed: int | None = None,
+    progress: bool | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> mx.array:
+    """Generate int32 codes (batch, codebooks, max_steps - max delay) conditioned on text encoder states.
+
+    Classifier-free guidance when guidance_coef > 1, as transformers: the batch is doubled (conditional
+    rows, then unconditional rows with zero states and an all-zero mask) and logits = uncond + g * (cond -
+    uncond). Each step does one `mx.async_eval`; the host only waits for the previous step's tokens.
+    """
+    config = decoder.config
+    delays = config.delays
+    if max_steps > config.max_position_embeddings:
+        raise ValueError(f"max_steps {max_steps} > the model's {config.max_position_embeddings}")
+    if max_steps <= max(delays):
+        raise ValueError(f"max_steps must be > {max(delays)} (the largest codebook delay)")
+    batch = encoder_states.shape[0]
+    k = config.num_codebooks
+    pad = config.pad_token_id
+    if encoder_mask is None:
+        encoder_mask = mx.ones(encoder_states.shape[:2], dtype=mx.int32)
+    cfg = guidance_coef is not None and guidance_coef > 1
+    if cfg:
+        encoder_states = mx.concatenate([encoder_states, mx.zeros_like(encoder_states)], axis=0)
+        encoder_mask = mx.concatenate([encoder_mask, mx.zeros_like(encoder_mask)], axis=0)
+    rows = encoder_states.shape[0]
+
+    # Setup: everything that does not change per step.
+    cross = decoder.cross_states(encoder_states, encoder_mask)
+    cache = decoder.make_cache(rows, max_steps)
+    valid = delay_valid_mask(max_steps, delays)
+    greedy = top_k == 1 or temperature <= 0
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+    keys = None if greedy else mx.random.split(mx.random.key(seed), max_steps)
+    offsets = mx.arange(max_steps, dtype=mx.int32).reshape(max_steps, 1)
+    pad_tokens = mx.full((batch, k), pad, dtype=mx.int32)
+    mx.eval(cross.kv, [(c.keys, c.values) for c in cache], valid, offsets)
+    if keys is not None:
+        mx.eval(keys)
+
+    tokens = mx.full((rows, k, 1), config.bos_token_id, dtype=mx.int32)
+    outputs = []
+    show = max_steps >= 100 if progress is None else progress
+    bar = tqdm(total=max_steps, unit="step", disable=not show, leave=False)
+    try:
+        for step in range(max_steps):
+            logits = decoder(tokens, cross, cache, offsets[step])[:, :, -1].astype(mx.float32)
+            if cfg:
+                cond, uncond = logits[:batch], logits[batch:]
+                logits = uncond + (cond - uncond) * guidance_coef
+            key = None if keys is None else keys[step]
+            nxt = sample(
+                logits.reshape(batch * k, -1),
+                key,
+                top_k=top_k,
+                top_p=top_p,
+                temperature=temperature,
+            )
+            nxt = mx.where(valid[step], nxt.reshape(batch, k), pad_tokens)
+            tokens = (mx.concatenate([nxt, nxt], axis=0) if cfg else nxt)[..., None]
+            mx.async_eval(tokens)
+            if outputs:
+                mx.eval(outputs[-1])  # pace the host one step behind the device
+            outputs.append(nxt)
+            bar.update(1)
+            if callback is not None:
+                callback(step + 1, max_steps)
+    finally:
+        bar.close()
+    return undo_delay_pattern(mx.stack(outputs, axis=-1), delays)

@@ -1,0 +1,282 @@
+"""The MusicGen decoder (transformers' MusicgenForCausalLM plus `enc_to_dec_proj`) with a preallocated KV cache."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+@dataclass
+class MusicgenDecoderConfig:
+    """Hyper-parameters of the decoder (the `decoder` sub-config of a MusicGen config.json)."""
+
+    vocab_size: int = 2048
+    max_position_embeddings: int = 2048
+    num_hidden_layers: int = 24
+    ffn_dim: int = 4096
+    num_attention_heads: int = 16
+    hidden_size: int = 1024
+    activation_function: str = "gelu"
+    scale_embedding: bool = (
+        False  # kept for compatibility; transformers never applies it, nor do we
+    )
+    num_codebooks: int = 4
+    audio_channels: int = 1
+    pad_token_id: int = 2048
+    bos_token_id: int = 2048
+    cross_attention_hidden_size: int | None = None
+    encoder_hidden_size: int | None = (
+        None  # width of the text encoder's states (composite config only)
+    )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MusicgenDecoderConfig:
+        """Build from a decoder sub-config, or from a whole MusicGen config (reads the T5 width too)."""
+        if "decoder" in d and isinstance(d["decoder"], dict):
+            text = d.get("text_encoder") or {}
+            sub = dict(d["decoder"])
+            sub.setdefault("encoder_hidden_size", text.get("d_model", text.get("hidden_size")))
+            d = sub
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def has_enc_to_dec_proj(self) -> bool:
+        """True when transformers projects the text states (widths differ, no cross_attention_hidden_size)."""
+        return (
+            self.encoder_hidden_size is not None
+            and self.encoder_hidden_size != self.hidden_size
+            and self.cross_attention_hidden_size is None
+        )
+
+    @property
+    def delays(self) -> list[int]:
+        """Per-codebook delays: q for codebook q (mono); stereo interleaves L/R as 0, 0, 1, 1, ..."""
+        if self.audio_channels == 2:
+            return [q for q in range(self.num_codebooks // 2) for _ in range(2)]
+        return list(range(self.num_codebooks))
+
+
+def sinusoidal_positions(num_positions: int, dim: int) -> mx.array:
+    """transformers' MusicGen positions: cat(cos, sin) of pos * exp(-i * log(1e4) / (dim/2 - 1)), fp32 math."""
+    half = dim // 2
+    step = np.float32(math.log(10000) / (half - 1))
+    freqs = np.exp((np.arange(half, dtype=np.float32) * -step).astype(np.float64)).astype(
+        np.float32
+    )
+    angles = np.arange(num_positions, dtype=np.float32)[:, None] * freqs[None, :]
+    table = np.concatenate(
+        [np.cos(angles.astype(np.float64)), np.sin(angles.astype(np.float64))], axis=1
+    )
+    if dim % 2 == 1:
+        table = np.concatenate([table, np.zeros((num_positions, 1))], axis=1)
+    return mx.array(table.astype(np.float32))
+
+
+class KVCache:
+    """Self-attention keys/values of one layer, preallocated to (batch, heads, max_len, head_dim)."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: mx.Dtype):
+        self.keys = mx.zeros((batch, heads, max_len, head_dim), dtype)
+        self.values = mx.zeros((batch, heads, max_len, head_dim), dtype)
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[2]
+
+    def update(
+        self, keys: mx.array, values: mx.array, offset: mx.array
+    ) -> tuple[mx.array, mx.array]:
+        """Write keys/values at `offset` (int32 array of shape (1,)) in place; return the full buffers."""
+        self.keys = mx.slice_update(self.keys, keys.astype(self.keys.dtype), offset, axes=(2,))
+        self.values = mx.slice_update(
+            self.values, values.astype(self.values.dtype), offset, axes=(2,)
+        )
+        return self.keys, self.values
+
+
+@dataclass
+class CrossState:
+    """Cross-attention keys/values of every layer and the encoder mask, computed once per generation."""
+
+    kv: list[tuple[mx.array, mx.array]]
+    mask: mx.array | None  # bool (batch, 1, 1, src_len), True = attend
+
+
+class Attention(nn.Module):
+    """Multi-head attention without biases (self- or cross-attention)."""
+
+    def __init__(self, dims: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dims // heads) ** -0.5
+        self.q_proj = nn.Linear(dims, dims, bias=False)
+        self.k_proj = nn.Linear(dims, dims, bias=False)
+        self.v_proj = nn.Linear(dims, dims, bias=False)
+        self.out_proj = nn.Linear(dims, dims, bias=False)
+
+    def _split(self, x: mx.array) -> mx.array:
+        b, n, _ = x.shape
+        return x.reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
+
+    def key_values(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Keys and values of `x` as (batch, heads, len, head_dim)."""
+        return self._split(self.k_proj(x)), self._split(self.v_proj(x))
+
+    def attend(self, x: mx.array, keys: mx.array, values: mx.array, mask) -> mx.array:
+        """Attention of the queries of `x` over the given keys/values."""
+        b, n, _ = x.shape
+        q = self._split(self.q_proj(x))
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+
+    def __call__(
+        self, x: mx.array, mask, cache: KVCache | None = None, offset: mx.array | None = None
+    ):
+        keys, values = self.key_values(x)
+        if cache is not None:
+            keys, values = cache.update(keys, values, offset)
+        return self.attend(x, keys, values, mask)
+
+
+ACTIVATIONS = {
+    "gelu": nn.gelu,
+    "gelu_new": nn.gelu_approx,
+    "gelu_pytorch_tanh": nn.gelu_approx,
+    "relu": nn.relu,
+}
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: causal self-attention, cross-attention to the text, GELU feed-forward."""
+
+    def __init__(self, config: MusicgenDecoderConfig):
+        super().__init__()
+        dims = config.hidden_size
+        self.self_attn = Attention(dims, config.num_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(dims)
+        self.encoder_attn = Attention(dims, config.num_attention_heads)
+        self.encoder_attn_layer_norm = nn.LayerNorm(dims)
+        self.fc1 = nn.Linear(dims, config.ffn_dim, bias=False)
+        self.fc2 = nn.Linear(config.ffn_dim, dims, bias=False)
+        self.final_layer_norm = nn.LayerNorm(dims)
+        self.act = ACTIVATIONS[config.activation_function]
+
+    def __call__(self, x, mask, cross_kv, cross_mask, cache=None, offset=None) -> mx.array:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache, offset)
+        x = x + self.encoder_attn.attend(self.encoder_attn_layer_norm(x), *cross_kv, cross_mask)
+        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+
+
+class MusicgenDecoder(nn.Module):
+    """Token embeddings summed over codebooks, sinusoidal positions, decoder layers, one LM head per codebook."""
+
+    def __init__(self, config: MusicgenDecoderConfig):
+        super().__init__()
+        self.config = config
+        dims, k = config.hidden_size, config.num_codebooks
+        self.embed_tokens = [nn.Embedding(config.vocab_size + 1, dims) for _ in range(k)]
+        self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
+        self.layer_norm = nn.LayerNorm(dims)
+        self.lm_heads = [nn.Linear(dims, config.vocab_size, bias=False) for _ in range(k)]
+        if config.has_enc_to_dec_proj:
+            self.enc_to_dec_proj = nn.Linear(config.encoder_hidden_size, dims)
+        self._positions = sinusoidal_positions(config.max_position_embeddings, dims)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.layer_norm.weight.dtype
+
+    def cross_states(
+        self, encoder_states: mx.array, encoder_mask: mx.array | None = None
+    ) -> CrossState:
+        """Project the text states, zero the padding, and compute every layer's cross-attention K/V once.
+
+        A row whose mask is all zeros (the unconditional half of classifier-free guidance) attends
+        uniformly to its zeroed states, giving exactly 0 like transformers (no NaN).
+        """
+        x = encoder_states.astype(self.dtype)
+        if "enc_to_dec_proj" in self:
+            x = self.enc_to_dec_proj(x)
+        mask = None
+        if encoder_mask is not None:
+            keep = encoder_mask.astype(mx.bool_)
+            x = x * keep[..., None].astype(x.dtype)
+            keep = keep | ~mx.any(keep, axis=-1, keepdims=True)
+            mask = keep[:, None, None, :]
+        return CrossState([layer.encoder_attn.key_values(x) for layer in self.layers], mask)
+
+    def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        """Fresh per-layer caches for `max_len` positions."""
+        c = self.config
+        head_dim = c.hidden_size // c.num_attention_heads
+        return [
+            KVCache(batch, c.num_attention_heads, max_len, head_dim, self.dtype)
+            for _ in self.layers
+        ]
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """Sum of the per-codebook embeddings of tokens (batch, codebooks, len) -> (batch, len, dims)."""
+        x = self.embed_tokens[0](tokens[:, 0])
+        for k in range(1, len(self.embed_tokens)):
+            x = x + self.embed_tokens[k](tokens[:, k])
+        return x
+
+    def __call__(
+        self,
+        tokens: mx.array,
+        cross: CrossState,
+        cache: list[KVCache] | None = None,
+        offset: int | mx.array = 0,
+    ) -> mx.array:
+        """Logits (batch, codebooks, len, vocab) for tokens (batch, codebooks, len) at positions offset.."""
+        n = tokens.shape[-1]
+        if not isinstance(offset, mx.array):
+            offset = mx.array([offset], dtype=mx.int32)
+        positions = offset + mx.arange(n, dtype=mx.int32)
+        x = self.embed(tokens) + mx.take(self._positions, positions, axis=0).astype(self.dtype)
+        if cache is None:
+            mask = "causal" if n > 1 else None
+        else:
+            mask = mx.arange(cache[0].max_len, dtype=mx.int32)[None, :] <= positions[:, None]
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache[i] if cache is not None else None
+            x = layer(x, mask, cross.kv[i], cross.mask, layer_cache, offset)
+        x = self.layer_norm(x)
+        return mx.stack([head(x) for head in self.lm_heads], axis=1)
+
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Hugging Face decoder names (composite prefix stripped) -> this module's names."""
+        out = {}
+        for name, w in weights.items():
+            if "embed_positions" in name:
+                continue
+            out[name.removeprefix("model.decoder.")] = w
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: mx.Dtype | None = None) -> MusicgenDecoder:
+        """Load from a local MusicGen (composite) folder."""
+        from musicgen.weights import load_state_dict
+
+        path = Path(path)
+        config = MusicgenDecoderConfig.from_dict(json.loads((path / "config.json").read_text()))
+        weights = load_state_dict(path)
+        weights = {
+            k[len("decoder.") :] if k.startswith("decoder.") else k: v
+            for k, v in weights.items()
+            if k.startswith(("decoder.", "enc_to_dec_proj."))
+        }
+        model = cls(config)
+        model.load_weights(list(cls.sanitize(weights).items()))
+        if dtype is not None:
+            model.set_dtype(dtype)
+        mx.eval(model.parameters())
+        return model
