@@ -1,0 +1,69 @@
+"""Audio files: save (atomic), load, and resample (soxr)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import soundfile as sf
+import soxr
+
+FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
+
+
+def _to_numpy(audio) -> np.ndarray:
+    """(samples,), (samples, channels) or (1, samples, channels) -> float32 (samples, channels)."""
+    a = np.asarray(
+        audio.astype(mx.float32) if isinstance(audio, mx.array) else audio, dtype=np.float32
+    )
+    if a.ndim == 3:
+        if a.shape[0] != 1:
+            raise ValueError(f"save one clip at a time, got a batch of {a.shape[0]}")
+        a = a[0]
+    if a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2:
+        raise ValueError(f"expected (samples, channels) audio, got shape {a.shape}")
+    return a
+
+
+def save_audio(path: str | Path, audio, sampling_rate: int, *, subtype: str | None = None) -> Path:
+    """Write audio (samples, channels) to .wav/.flac/.ogg atomically (temp file in the same folder + rename).
+
+    Samples are clipped to [-1, 1]; wav/flac are 16-bit PCM unless `subtype` says otherwise (e.g. "FLOAT").
+    """
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in FORMATS:
+        raise ValueError(f"unsupported audio format {path.suffix!r}: use one of {sorted(FORMATS)}")
+    fmt, default_subtype = FORMATS[ext]
+    data = np.clip(_to_numpy(audio), -1.0, 1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            sf.write(f, data, int(sampling_rate), format=fmt, subtype=subtype or default_subtype)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resample(audio, from_rate: int, to_rate: int) -> mx.array:
+    """Resample float audio (samples, channels) with soxr (high quality)."""
+    a = _to_numpy(audio)
+    if from_rate != to_rate:
+        a = soxr.resample(a, from_rate, to_rate, quality="HQ").astype(np.float32)
+    return mx.array(a)
+
+
+def load_audio(path: str | Path, sampling_rate: int | None = None) -> tuple[mx.array, int]:
+    """Read an audio file as float32 (samples, channels) and its rate, resampled to `sampling_rate` if given."""
+    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    if sampling_rate is not None and sampling_rate != rate:
+        return resample(data, rate, sampling_rate), sampling_rate
+    return mx.array(data), rate
