@@ -1,0 +1,155 @@
+"""MusicGen decoder: teacher-forced parity with transformers, KV-cache decoding, weights and config."""
+
+import json
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from musicgen.model import MusicgenDecoder, MusicgenDecoderConfig, sinusoidal_positions
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EXPECTED = FIXTURES / "expected"
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def text_states(indices, attention_mask) -> tuple[mx.array, mx.array]:
+    """Reference T5 states of PROMPTS[i] (alone), right-padded to the width of attention_mask."""
+    t5 = np.load(EXPECTED / "t5.npz")
+    states = np.zeros((len(indices), attention_mask.shape[1], t5["hidden_0"].shape[-1]), np.float32)
+    for row, i in enumerate(indices):
+        h = t5[f"hidden_{i}"][0]
+        states[row, : h.shape[0]] = h
+    return mx.array(states), mx.array(attention_mask)
+
+
+@pytest.fixture(scope="module")
+def mono():
+    return MusicgenDecoder.from_pretrained(FIXTURES / "tiny-musicgen")
+
+
+@pytest.fixture(scope="module")
+def teacher_forced():
+    return np.load(EXPECTED / "decoder.npz")
+
+
+def test_teacher_forced_logits_match_transformers(mono, teacher_forced):
+    d = teacher_forced
+    cross = mono.cross_states(*text_states([0, 1], d["attention_mask"]))
+    tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)
+    logits = mono(tokens, cross)
+    assert logits.shape == (2, 4, 8, 2048)
+    assert rel_err(logits, d["logits"].reshape(2, 4, 8, -1)) <= 1e-4
+
+
+def test_incremental_decoding_with_cache_matches_full_forward(mono, teacher_forced):
+    d = teacher_forced
+    cross = mono.cross_states(*text_states([0, 1], d["attention_mask"]))
+    tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)
+    full = np.array(mono(tokens, cross))
+    cache = mono.make_cache(2, 16)
+    steps = [np.array(mono(tokens[:, :, i : i + 1], cross, cache, i)) for i in range(8)]
+    assert rel_err(np.concatenate(steps, axis=2), full) <= 1e-5
+    # a multi-token chunk through the cache, then single steps, gives the same logits too
+    cache = mono.make_cache(2, 16)
+    chunk = np.array(mono(tokens[:, :, :5], cross, cache, 0))
+    rest = [np.array(mono(tokens[:, :, i : i + 1], cross, cache, i)) for i in range(5, 8)]
+    assert rel_err(np.concatenate([chunk, *rest], axis=2), full) <= 1e-5
+
+
+def test_cache_is_preallocated_and_written_in_place(mono):
+    cache = mono.make_cache(3, 10)
+    c = mono.config
+    assert len(cache) == c.num_hidden_layers
+    assert cache[0].keys.shape == (
+        3,
+        c.num_attention_heads,
+        10,
+        c.hidden_size // c.num_attention_heads,
+    )
+    k = mx.ones((3, c.num_attention_heads, 1, c.hidden_size // c.num_attention_heads))
+    keys, values = cache[0].update(k, 2 * k, mx.array([4], dtype=mx.int32))
+    assert keys.shape == (3, c.num_attention_heads, 10, k.shape[-1])
+    written = np.array(keys)[:, :, :, 0]
+    assert (written[:, :, 4] == 1).all() and (np.delete(written, 4, axis=2) == 0).all()
+    assert (np.array(values)[:, :, 4] == 2).all()
+
+
+def test_unconditional_rows_get_zero_cross_attention(mono):
+    """All-zero encoder mask (CFG's null condition): finite, exactly zero cross-attention output."""
+    states = mx.random.normal((2, 5, 32), key=mx.random.key(0))
+    mask = mx.array([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+    cross = mono.cross_states(states, mask)
+    layer = mono.layers[0].encoder_attn
+    x = mx.random.normal((2, 1, mono.config.hidden_size), key=mx.random.key(1))
+    out = np.array(layer.attend(x, *cross.kv[0], cross.mask))
+    assert np.isfinite(out).all()
+    assert (out[1] == 0).all() and np.abs(out[0]).max() > 0
+    tokens = mx.full((2, 4, 1), 2048, dtype=mx.int32)
+    assert np.isfinite(np.array(mono(tokens, cross))).all()
+
+
+def test_positions_are_cos_then_sin():
+    table = np.array(sinusoidal_positions(50, 16))
+    half = 8
+    freqs = np.exp(np.arange(half) * -(math.log(10000) / (half - 1)))
+    angles = np.arange(50)[:, None] * freqs[None]
+    np.testing.assert_allclose(table[:, :half], np.cos(angles), atol=1e-5)
+    np.testing.assert_allclose(table[:, half:], np.sin(angles), atol=1e-5)
+    assert table[0, :half].tolist() == [1.0] * half and table[0, half:].tolist() == [0.0] * half
+    assert sinusoidal_positions(4, 7).shape == (4, 7)
+
+
+def test_config_from_composite_and_subconfig():
+    composite = json.loads((FIXTURES / "tiny-musicgen" / "config.json").read_text())
+    config = MusicgenDecoderConfig.from_dict(composite)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_codebooks) == (16, 2, 4)
+    assert config.encoder_hidden_size == 32 and config.has_enc_to_dec_proj
+    assert config.delays == [0, 1, 2, 3]
+    sub = MusicgenDecoderConfig.from_dict({**composite["decoder"], "some_future_key": 1})
+    assert sub.encoder_hidden_size is None and not sub.has_enc_to_dec_proj
+    stereo = MusicgenDecoderConfig.from_dict({"num_codebooks": 8, "audio_channels": 2})
+    assert stereo.delays == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_sanitize_maps_hugging_face_names(mono):
+    w = mx.zeros((2,))
+    names = {
+        "model.decoder.embed_tokens.0.weight": "embed_tokens.0.weight",
+        "model.decoder.layers.1.self_attn.q_proj.weight": "layers.1.self_attn.q_proj.weight",
+        "model.decoder.layers.0.encoder_attn_layer_norm.bias": "layers.0.encoder_attn_layer_norm.bias",
+        "model.decoder.layers.0.fc1.weight": "layers.0.fc1.weight",
+        "model.decoder.layer_norm.weight": "layer_norm.weight",
+        "lm_heads.3.weight": "lm_heads.3.weight",
+        "enc_to_dec_proj.bias": "enc_to_dec_proj.bias",
+    }
+    out = MusicgenDecoder.sanitize(
+        {**dict.fromkeys(names, w), "model.decoder.embed_positions.weights": w}
+    )
+    assert sorted(out) == sorted(names.values())
+    # every parameter of the module is covered by a Hugging Face name
+    hf = MusicgenDecoder.sanitize(
+        {
+            k.removeprefix("decoder."): v
+            for k, v in mx.load(str(FIXTURES / "tiny-musicgen" / "model.safetensors")).items()
+            if k.startswith(("decoder.", "enc_to_dec_proj."))
+        }
+    )
+    from mlx.utils import tree_flatten
+
+    assert sorted(hf) == sorted(k for k, _ in tree_flatten(mono.parameters()))
+
+
+def test_float16_decoder_stays_close(teacher_forced):
+    d = teacher_forced
+    half = MusicgenDecoder.from_pretrained(FIXTURES / "tiny-musicgen", dtype=mx.float16)
+    assert half.layers[0].fc1.weight.dtype == mx.float16
+    cross = half.cross_states(*text_states([0, 1], d["attention_mask"]))
+    logits = half(mx.array(d["decoder_input_ids"]).reshape(2, 4, -1), cross)
+    assert rel_err(logits.astype(mx.float32), d["logits"].reshape(2, 4, 8, -1)) <= 2e-2
