@@ -9,10 +9,11 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from encodec import EncodecModel
+from encodec.encodec import EncodecModel
 from musicgen.generate import generate_tokens, steps_for_duration
 from musicgen.model import MusicgenDecoder, MusicgenDecoderConfig
-from t5 import T5Encoder, T5Tokenizer
+from t5.t5 import T5Encoder
+from t5.tokenizer import T5Tokenizer
 
 # transformers' defaults when generation_config.json is absent (MusicGen's published values)
 GENERATION_DEFAULTS = {"top_k": 250, "top_p": 0.0, "temperature": 1.0, "guidance_coef": 3.0}

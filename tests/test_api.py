@@ -1,0 +1,107 @@
+"""The public API end to end on the tiny checkpoint: tokens and audio equal transformers'; audio files."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from musicgen import MusicGen, load_audio, save_audio
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EXPECTED = FIXTURES / "expected"
+PROMPTS = json.loads((EXPECTED / "prompts.json").read_text())
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MusicGen.from_pretrained(FIXTURES / "tiny-musicgen", progress=False)
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return np.load(EXPECTED / "generate.npz")
+
+
+def test_properties(model):
+    assert model.sampling_rate == 32000 and model.frame_rate == 50
+    assert model.num_codebooks == 4 and model.audio_channels == 1
+    assert model.max_steps == 2048
+    assert model.config["model_type"] == "musicgen"
+    assert model.decoder.layers[0].fc1.weight.dtype == mx.float32  # CPU default
+    gc = model.generation_config  # from generation_config.json
+    assert (gc["top_k"], gc["top_p"], gc["guidance_coef"], gc["max_length"]) == (
+        250,
+        0.0,
+        3.0,
+        1500,
+    )
+
+
+def test_greedy_tokens_and_audio_match_transformers(model, expected):
+    tokens = model.generate_tokens(PROMPTS[:2], max_steps=40, top_k=1, guidance_coef=3.0)
+    assert tokens.shape == (2, 4, 37)
+    assert (np.array(tokens) == expected["batch_tokens"]).all()
+    audio = model.decode_tokens(tokens)
+    assert audio.shape == (2, 23680, 1) and audio.dtype == mx.float32
+    assert rel_err(audio, expected["batch_audio"].transpose(0, 2, 1)) <= 1e-4
+
+
+def test_generate_shapes_single_and_batch(model, expected):
+    audio = model.generate(PROMPTS[0], max_steps=40, top_k=1)
+    assert audio.shape == (23680, 1)
+    assert rel_err(audio, expected["single_audio"][0].T) <= 1e-4
+    batch = model.generate(PROMPTS[:2], duration=0.2, seed=1)
+    assert batch.shape == (2, 10 * 640, 1)  # 0.2 s = 10 frames = 13 steps
+
+
+def test_seed_reproducibility(model):
+    a = model.generate_tokens(["a"], max_steps=20, seed=3)
+    b = model.generate_tokens(["a"], max_steps=20, seed=3)
+    c = model.generate_tokens(["a"], max_steps=20, seed=4)
+    assert (np.array(a) == np.array(b)).all() and (np.array(a) != np.array(c)).any()
+
+
+def test_max_steps_limit(model):
+    with pytest.raises(ValueError):
+        model.generate_tokens("a", max_steps=model.max_steps + 1)
+
+
+@pytest.mark.parametrize("ext", ["wav", "flac", "ogg"])
+def test_save_audio_round_trip(tmp_path, ext):
+    t = np.arange(3200) / 32000
+    audio = mx.array((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[:, None])
+    path = save_audio(tmp_path / f"out.{ext}", audio, 32000)
+    assert path.exists() and [p.name for p in tmp_path.iterdir()] == [f"out.{ext}"]
+    info = sf.info(str(path))
+    assert (info.samplerate, info.channels) == (32000, 1)
+    back, rate = load_audio(path)
+    assert rate == 32000 and back.shape[1] == 1
+    if ext != "ogg":  # lossless: 16-bit PCM
+        assert back.shape == (3200, 1)
+        assert np.abs(np.array(back) - np.array(audio)).max() < 1e-4
+    resampled, rate = load_audio(path, sampling_rate=16000)
+    assert rate == 16000 and abs(resampled.shape[0] - back.shape[0] // 2) <= 1
+
+
+def test_save_audio_is_atomic(tmp_path):
+    target = tmp_path / "out.wav"
+    save_audio(target, np.zeros((100, 2), np.float32), 32000)
+    before = target.read_bytes()
+    with pytest.raises(ValueError):
+        save_audio(target, np.zeros((2, 100, 2), np.float32), 32000)  # a batch: refused
+    with pytest.raises(Exception):  # noqa: B017  (soundfile's own error type)
+        save_audio(target, np.zeros((100, 2), np.float32), 32000, subtype="NOT_A_SUBTYPE")
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.wav"]
+    with pytest.raises(ValueError):
+        save_audio(tmp_path / "out.mp4", np.zeros((100, 1), np.float32), 32000)
+    save_audio(tmp_path / "batch1.wav", mx.zeros((1, 100, 2)), 32000)
+    assert sf.info(str(tmp_path / "batch1.wav")).channels == 2
