@@ -235,6 +235,8 @@ class T5Tokenizer:
         """(input_ids, attention_mask), int32 (batch, length), right-padded with `pad_id`."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not prompts:
+            raise ValueError("encode() needs at least one prompt")
         rows = [self.tokenize(p) for p in prompts]
         length = max(len(r) for r in rows)
         ids = [r + [self.pad_id] * (length - len(r)) for r in rows]

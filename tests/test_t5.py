@@ -81,6 +81,8 @@ def test_tokenizer_special_ids_and_padding():
     ids, mask = tokenizer.encode(["", "happy rock"])
     assert np.array(ids).tolist() == [[1] + [0] * 8, [21, 55, 11, 7, 3, 56, 14, 17, 1]]
     assert np.array(mask).tolist() == [[1] + [0] * 8, [1] * 9]
+    with pytest.raises(ValueError, match="at least one prompt"):
+        tokenizer.encode([])
 
 
 def test_relative_position_bucket_hand_values():
