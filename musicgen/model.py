@@ -280,3 +280,19 @@ class MusicgenDecoder(nn.Module):
             model.set_dtype(dtype)
         mx.eval(model.parameters())
         return model
+
+
+def quantize_decoder(decoder: MusicgenDecoder, bits: int, group_size: int = 64) -> MusicgenDecoder:
+    """Quantize the decoder's linear layers (those whose input width is a multiple of group_size) in place."""
+    if bits not in (4, 8):
+        raise ValueError(f"quantize must be 4 or 8 bits, got {bits}")
+    nn.quantize(
+        decoder,
+        group_size=group_size,
+        bits=bits,
+        class_predicate=lambda _, m: (
+            isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size == 0
+        ),
+    )
+    mx.eval(decoder.parameters())
+    return decoder

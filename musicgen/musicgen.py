@@ -7,11 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from encodec.encodec import EncodecModel
 from musicgen.generate import generate_tokens, steps_for_duration
-from musicgen.model import MusicgenDecoder, MusicgenDecoderConfig
+from musicgen.model import MusicgenDecoder, MusicgenDecoderConfig, quantize_decoder
 from t5.t5 import T5Encoder
 from t5.tokenizer import T5Tokenizer
 
@@ -110,15 +109,7 @@ class MusicGen:
         audio_encoder = EncodecModel.from_pretrained(folder)
         decoder = MusicgenDecoder.from_pretrained(folder, dtype=dtype)
         if quantize is not None:
-            nn.quantize(
-                decoder,
-                group_size=64,
-                bits=quantize,
-                class_predicate=lambda _, m: (
-                    isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0
-                ),
-            )
-            mx.eval(decoder.parameters())
+            quantize_decoder(decoder, quantize)
         return cls(
             config, tokenizer, text_encoder, decoder, audio_encoder, read_generation_config(folder)
         )

@@ -8,7 +8,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from musicgen.model import MusicgenDecoder, MusicgenDecoderConfig, sinusoidal_positions
+from musicgen.model import (
+    MusicgenDecoder,
+    MusicgenDecoderConfig,
+    quantize_decoder,
+    sinusoidal_positions,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXPECTED = FIXTURES / "expected"
@@ -153,3 +158,26 @@ def test_float16_decoder_stays_close(teacher_forced):
     cross = half.cross_states(*text_states([0, 1], d["attention_mask"]))
     logits = half(mx.array(d["decoder_input_ids"]).reshape(2, 4, -1), cross)
     assert rel_err(logits.astype(mx.float32), d["logits"].reshape(2, 4, 8, -1)) <= 2e-2
+
+
+def test_quantized_decoder_stays_close():
+    config = MusicgenDecoderConfig(
+        hidden_size=128,
+        ffn_dim=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        encoder_hidden_size=64,
+    )
+    mx.random.seed(0)
+    decoder = MusicgenDecoder(config)
+    states, mask = (
+        mx.random.normal((1, 5, 64), key=mx.random.key(2)),
+        mx.ones((1, 5), dtype=mx.int32),
+    )
+    tokens = mx.random.randint(0, 2048, (1, 4, 6), key=mx.random.key(3))
+    ref = decoder(tokens, decoder.cross_states(states, mask))
+    quantize_decoder(decoder, 8)
+    assert type(decoder.layers[0].fc1).__name__ == "QuantizedLinear"
+    assert rel_err(decoder(tokens, decoder.cross_states(states, mask)), ref) <= 2e-2
+    with pytest.raises(ValueError):
+        quantize_decoder(decoder, 3)
