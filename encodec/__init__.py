@@ -1,0 +1,5 @@
+"""EnCodec audio codec in MLX."""
+
+from encodec.encodec import EncodecConfig, EncodecModel
+
+__all__ = ["EncodecConfig", "EncodecModel"]

@@ -1,0 +1,454 @@
+"""EnCodec neural audio codec (Hugging Face transformers' `EncodecModel`) in MLX, channels-last."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass
+class EncodecConfig:
+    """EnCodec hyper-parameters, as in transformers' `EncodecConfig` (same field names and defaults)."""
+
+    sampling_rate: int = 24_000
+    audio_channels: int = 1
+    normalize: bool = False
+    chunk_length_s: float | None = None
+    overlap: float | None = None
+    hidden_size: int = 128
+    num_filters: int = 32
+    num_residual_layers: int = 1
+    upsampling_ratios: list[int] = field(default_factory=lambda: [8, 5, 4, 2])
+    norm_type: str = "weight_norm"
+    kernel_size: int = 7
+    last_kernel_size: int = 7
+    residual_kernel_size: int = 3
+    dilation_growth_rate: int = 2
+    use_causal_conv: bool = True
+    pad_mode: str = "reflect"
+    compress: int = 2
+    num_lstm_layers: int = 2
+    trim_right_ratio: float = 1.0
+    codebook_size: int = 1024
+    codebook_dim: int | None = None
+    use_conv_shortcut: bool = True
+    target_bandwidths: list[float] = field(default_factory=lambda: [1.5, 3.0, 6.0, 12.0, 24.0])
+
+    def __post_init__(self):
+        if self.codebook_dim is None:
+            self.codebook_dim = self.hidden_size
+        self.upsampling_ratios = list(self.upsampling_ratios)
+        self.target_bandwidths = list(self.target_bandwidths)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EncodecConfig:
+        """Build from a Hugging Face config dict, ignoring unknown keys."""
+        params = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in d.items() if k in params})
+
+    @property
+    def hop_length(self) -> int:
+        return math.prod(self.upsampling_ratios)
+
+    @property
+    def frame_rate(self) -> int:
+        return math.ceil(self.sampling_rate / self.hop_length)
+
+    @property
+    def codebook_nbits(self) -> int:
+        return math.ceil(math.log2(self.codebook_size))
+
+    @property
+    def num_quantizers(self) -> int:
+        return int(1000 * self.target_bandwidths[-1] // (self.frame_rate * self.codebook_nbits))
+
+
+def _pad1d(x: mx.array, left: int, right: int, mode: str) -> mx.array:
+    """Pad the time axis of (batch, time, channels); reflect mode zero-extends inputs too short to reflect."""
+    if left == 0 and right == 0:
+        return x
+    if mode == "constant":
+        return mx.pad(x, [(0, 0), (left, right), (0, 0)])
+    if mode == "replicate":
+        return mx.pad(x, [(0, 0), (left, right), (0, 0)], mode="edge")
+    if mode != "reflect":
+        raise ValueError(f"Unsupported pad_mode {mode!r}")
+    length = x.shape[1]
+    extra = max(left, right) - length + 1 if length <= max(left, right) else 0
+    if extra:
+        x = mx.pad(x, [(0, 0), (0, extra), (0, 0)])
+    n = x.shape[1]
+    parts = [x[:, left:0:-1]] if left else []
+    parts.append(x)
+    if right:
+        stop = n - 2 - right
+        parts.append(x[:, n - 2 : stop if stop >= 0 else None : -1])
+    x = mx.concatenate(parts, axis=1)
+    return x[:, : x.shape[1] - extra] if extra else x
+
+
+def _conv1d(
+    x: mx.array, weight: mx.array, bias: mx.array, stride: int = 1, dilation: int = 1
+) -> mx.array:
+    """Valid 1-d convolution as matrix products (faster than MLX's CPU conv for these shapes).
+
+    x: (B, L, in) already padded, weight: (out, K, in) -> (B, (L - (K - 1) * dilation - 1) // stride + 1, out).
+    """
+    out_ch, kernel, in_ch = weight.shape
+    if stride > 1:
+        if dilation != 1 or kernel % stride:
+            return mx.conv1d(x, weight, stride=stride, dilation=dilation) + bias
+        # stride s with K = m * s: a stride-1 conv with m taps over frames of s samples
+        batch, length, _ = x.shape
+        frames = length // stride
+        x = x[:, : frames * stride].reshape(batch, frames, stride * in_ch)
+        weight = weight.reshape(out_ch, kernel // stride, stride * in_ch)
+        return _conv1d(x, weight, bias)
+    n = x.shape[1] - (kernel - 1) * dilation
+    taps = [x[:, k * dilation : k * dilation + n] for k in range(kernel)]
+    if kernel * in_ch <= 64:  # tiny input width: im2col, one product
+        cols = mx.concatenate(taps, axis=-1) if kernel > 1 else taps[0]
+        return mx.addmm(bias, cols, weight.reshape(out_ch, kernel * in_ch).T)
+    if out_ch <= 8:  # tiny output width: one product for all taps, then shifted sums
+        z = x @ weight.transpose(2, 1, 0).reshape(in_ch, kernel * out_ch)
+        z = z.reshape(x.shape[0], x.shape[1], kernel, out_ch)
+        y = bias
+        for k in range(kernel):
+            y = y + z[:, k * dilation : k * dilation + n, k]
+        return y
+    y = mx.addmm(bias, taps[0], weight[:, 0].T)
+    for k in range(1, kernel):
+        y = mx.addmm(y, taps[k], weight[:, k].T)
+    return y
+
+
+class EncodecConv1d(nn.Module):
+    """Conv1d with EnCodec's causal or centred padding (plus extra right padding for full frames)."""
+
+    def __init__(
+        self,
+        config: EncodecConfig,
+        in_ch: int,
+        out_ch: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+    ):
+        super().__init__()
+        self.causal = config.use_causal_conv
+        self.pad_mode = config.pad_mode
+        self.stride = stride
+        self.dilation = dilation
+        self.conv = nn.Conv1d(in_ch, out_ch, kernel_size, stride, dilation=dilation)
+        if config.norm_type == "time_group_norm":
+            self.norm = nn.GroupNorm(1, out_ch, pytorch_compatible=True)
+        self.kernel = (kernel_size - 1) * dilation + 1
+        self.padding_total = self.kernel - stride
+
+    def __call__(self, x: mx.array) -> mx.array:
+        length = x.shape[1]
+        n_frames = math.ceil((length - self.kernel + self.padding_total) / self.stride + 1) - 1
+        extra = n_frames * self.stride + self.kernel - self.padding_total - length
+        if self.causal:
+            x = _pad1d(x, self.padding_total, extra, self.pad_mode)
+        else:
+            right = self.padding_total // 2
+            x = _pad1d(x, self.padding_total - right, right + extra, self.pad_mode)
+        x = _conv1d(x, self.conv.weight, self.conv.bias, self.stride, self.dilation)
+        return self.norm(x) if "norm" in self else x
+
+
+def _conv_transpose1d(x: mx.array, weight: mx.array, stride: int) -> mx.array:
+    """Transposed convolution as one matmul plus overlap-add (MLX's CPU conv_transpose is slow).
+
+    x: (B, T, in), weight: (out, K, in) -> (B, (T - 1) * stride + K, out).
+    """
+    out_ch, kernel, in_ch = weight.shape
+    taps = -(-kernel // stride)  # ceil: blocks of `stride` kernel taps
+    if taps * stride != kernel:
+        weight = mx.pad(weight, [(0, 0), (0, taps * stride - kernel), (0, 0)])
+    w = weight.transpose(2, 1, 0).reshape(in_ch, taps * stride * out_ch)
+    batch, length, _ = x.shape
+    z = (x @ w).reshape(batch, length, taps, stride * out_ch)
+    y = None
+    for j in range(taps):
+        zj = z[:, :, j].reshape(batch, length * stride, out_ch)
+        zj = mx.pad(zj, [(0, 0), (j * stride, (taps - 1 - j) * stride), (0, 0)])
+        y = zj if y is None else y + zj
+    return y[:, : (length - 1) * stride + kernel]
+
+
+class EncodecConvTranspose1d(nn.Module):
+    """ConvTranspose1d whose fixed padding is trimmed like transformers does."""
+
+    def __init__(
+        self, config: EncodecConfig, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1
+    ):
+        super().__init__()
+        self.conv = nn.ConvTranspose1d(in_ch, out_ch, kernel_size, stride)
+        if config.norm_type == "time_group_norm":
+            self.norm = nn.GroupNorm(1, out_ch, pytorch_compatible=True)
+        padding_total = kernel_size - stride
+        if config.use_causal_conv:
+            self.trim_right = math.ceil(padding_total * config.trim_right_ratio)
+        else:
+            self.trim_right = padding_total // 2
+        self.trim_left = padding_total - self.trim_right
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = _conv_transpose1d(x, self.conv.weight, self.conv.stride) + self.conv.bias
+        if "norm" in self:
+            x = self.norm(x)
+        return x[:, self.trim_left : x.shape[1] - self.trim_right]
+
+
+class EncodecLSTM(nn.Module):
+    """Stacked LSTM over time with a skip connection (PyTorch gate order i, f, g, o)."""
+
+    def __init__(self, config: EncodecConfig, dim: int):
+        super().__init__()
+        self.layers = [nn.LSTM(dim, dim) for _ in range(config.num_lstm_layers)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = x
+        for layer in self.layers:
+            h = layer(h)[0]
+        return h + x
+
+
+class EncodecResnetBlock(nn.Module):
+    """SEANet residual block: ELU, conv(k, dilation), ELU, conv(1), plus a (conv) shortcut."""
+
+    def __init__(self, config: EncodecConfig, dim: int, dilations: tuple[int, int]):
+        super().__init__()
+        hidden = dim // config.compress
+        kernels = (config.residual_kernel_size, 1)
+        chans = (dim, hidden, dim)
+        self.block = []
+        for i, (k, d) in enumerate(zip(kernels, dilations, strict=True)):
+            self.block += [nn.ELU(), EncodecConv1d(config, chans[i], chans[i + 1], k, dilation=d)]
+        if config.use_conv_shortcut:
+            self.shortcut = EncodecConv1d(config, dim, dim, 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = x
+        for layer in self.block:
+            h = layer(h)
+        return (self.shortcut(x) if "shortcut" in self else x) + h
+
+
+class EncodecEncoder(nn.Module):
+    """SEANet encoder: audio (B, samples, channels) -> embeddings (B, frames, hidden_size)."""
+
+    def __init__(self, config: EncodecConfig):
+        super().__init__()
+        c = config
+        layers = [EncodecConv1d(c, c.audio_channels, c.num_filters, c.kernel_size)]
+        scale = 1
+        for ratio in reversed(c.upsampling_ratios):
+            dim = scale * c.num_filters
+            for j in range(c.num_residual_layers):
+                layers.append(EncodecResnetBlock(c, dim, (c.dilation_growth_rate**j, 1)))
+            layers += [nn.ELU(), EncodecConv1d(c, dim, dim * 2, ratio * 2, stride=ratio)]
+            scale *= 2
+        layers += [EncodecLSTM(c, scale * c.num_filters), nn.ELU()]
+        layers.append(EncodecConv1d(c, scale * c.num_filters, c.hidden_size, c.last_kernel_size))
+        self.layers = layers
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class EncodecDecoder(nn.Module):
+    """SEANet decoder: embeddings (B, frames, hidden_size) -> audio (B, frames * hop, channels)."""
+
+    def __init__(self, config: EncodecConfig):
+        super().__init__()
+        c = config
+        scale = 2 ** len(c.upsampling_ratios)
+        layers = [EncodecConv1d(c, c.hidden_size, scale * c.num_filters, c.kernel_size)]
+        layers.append(EncodecLSTM(c, scale * c.num_filters))
+        for ratio in c.upsampling_ratios:
+            dim = scale * c.num_filters
+            layers += [nn.ELU(), EncodecConvTranspose1d(c, dim, dim // 2, ratio * 2, stride=ratio)]
+            for j in range(c.num_residual_layers):
+                layers.append(EncodecResnetBlock(c, dim // 2, (c.dilation_growth_rate**j, 1)))
+            scale //= 2
+        layers += [nn.ELU(), EncodecConv1d(c, c.num_filters, c.audio_channels, c.last_kernel_size)]
+        self.layers = layers
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class EncodecCodebook(nn.Module):
+    """One Euclidean codebook of the residual vector quantizer."""
+
+    def __init__(self, config: EncodecConfig):
+        super().__init__()
+        self.embed = mx.zeros((config.codebook_size, config.codebook_dim))
+
+    def encode(self, x: mx.array) -> mx.array:
+        """Index of the nearest codeword for each vector of x (..., dim)."""
+        embed = self.embed
+        dist = (x * x).sum(-1, keepdims=True) - 2 * (x @ embed.T) + (embed * embed).sum(-1)
+        return mx.argmin(dist, axis=-1).astype(mx.int32)
+
+    def decode(self, codes: mx.array) -> mx.array:
+        return self.embed[codes]
+
+
+class EncodecQuantizer(nn.Module):
+    """Residual vector quantizer."""
+
+    def __init__(self, config: EncodecConfig):
+        super().__init__()
+        self.layers = [EncodecCodebook(config) for _ in range(config.num_quantizers)]
+
+    def encode(self, x: mx.array, num_quantizers: int) -> mx.array:
+        """Embeddings (B, T, D) -> codes (B, K, T)."""
+        codes = []
+        for layer in self.layers[:num_quantizers]:
+            idx = layer.encode(x)
+            x = x - layer.decode(idx)
+            codes.append(idx)
+        return mx.stack(codes, axis=1)
+
+    def decode(self, codes: mx.array) -> mx.array:
+        """Codes (B, K, T) -> summed codewords (B, T, D)."""
+        out = self.layers[0].decode(codes[:, 0])
+        for k in range(1, codes.shape[1]):
+            out = out + self.layers[k].decode(codes[:, k])
+        return out
+
+
+class EncodecModel(nn.Module):
+    """EnCodec: audio <-> discrete codes (the audio tokenizer of MusicGen)."""
+
+    def __init__(self, config: EncodecConfig):
+        super().__init__()
+        if config.chunk_length_s is not None or config.normalize:
+            raise NotImplementedError(
+                "chunked / normalized EnCodec (48 kHz model) is not supported"
+            )
+        self.config = config
+        self.encoder = EncodecEncoder(config)
+        self.decoder = EncodecDecoder(config)
+        self.quantizer = EncodecQuantizer(config)
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.config.sampling_rate
+
+    @property
+    def frame_rate(self) -> int:
+        return self.config.frame_rate
+
+    @property
+    def hop_length(self) -> int:
+        return self.config.hop_length
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.config.num_quantizers
+
+    @property
+    def channels(self) -> int:
+        return self.config.audio_channels
+
+    def num_codebooks_for_bandwidth(self, bandwidth: float | None) -> int:
+        """Codebooks used at a target bandwidth in kbps (None: the first target bandwidth)."""
+        if bandwidth is None:
+            bandwidth = self.config.target_bandwidths[0]
+        per_codebook = math.log2(self.config.codebook_size) * self.frame_rate
+        return int(max(1, math.floor(bandwidth * 1000 / per_codebook)))
+
+    def encode(self, audio: mx.array, bandwidth: float | None = None) -> mx.array:
+        """Audio (batch, samples, channels) -> int32 codes (batch, num_codebooks, ceil(samples / hop))."""
+        if audio.ndim == 2:
+            audio = audio[..., None]
+        embeddings = self.encoder(audio.astype(self.quantizer.layers[0].embed.dtype))
+        return self.quantizer.encode(embeddings, self.num_codebooks_for_bandwidth(bandwidth))
+
+    def decode(self, codes: mx.array) -> mx.array:
+        """Int32 codes (batch, num_codebooks, frames) -> float32 audio (batch, frames * hop, channels)."""
+        return self.decoder(self.quantizer.decode(codes)).astype(mx.float32)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Hugging Face EnCodec names and layouts -> this module's (weight norm fused, MLX conv layout)."""
+        out: dict[str, mx.array] = {}
+        fused: dict[str, dict[str, mx.array]] = {}
+        for name, w in weights.items():
+            if name.endswith(("embed_avg", "cluster_size", "inited")):
+                continue
+            for g_suffix, v_suffix in (
+                ("weight_g", "weight_v"),
+                ("parametrizations.weight.original0", "parametrizations.weight.original1"),
+            ):
+                if name.endswith((g_suffix, v_suffix)):
+                    base = name[: -len(g_suffix if name.endswith(g_suffix) else v_suffix)]
+                    part = "g" if name.endswith(g_suffix) else "v"
+                    fused.setdefault(base, {})[part] = w
+                    break
+            else:
+                out[name.replace(".codebook.embed", ".embed")] = w
+        for base, gv in fused.items():
+            g, v = gv["g"].astype(mx.float32), gv["v"].astype(mx.float32)
+            axes = [i for i in range(v.ndim) if g.shape[i] == 1]
+            norm = mx.sqrt((v * v).sum(axis=axes, keepdims=True))
+            out[base + "weight"] = (g * v / norm).astype(gv["v"].dtype)
+        transposed = {
+            f"{n}.conv.weight"
+            for n, m in self.named_modules()
+            if isinstance(m, EncodecConvTranspose1d)
+        }
+        lstm: dict[str, mx.array] = {}
+        for name in list(out):
+            w = out[name]
+            if ".lstm." in name:
+                prefix, pname = name.split(".lstm.")
+                kind, layer = pname.rsplit("_l", 1)
+                key = f"{prefix}.layers.{layer}"
+                del out[name]
+                if kind == "weight_ih":
+                    out[f"{key}.Wx"] = w
+                elif kind == "weight_hh":
+                    out[f"{key}.Wh"] = w
+                else:
+                    lstm[f"{key}.bias"] = lstm[f"{key}.bias"] + w if f"{key}.bias" in lstm else w
+            elif name.endswith("conv.weight") and w.ndim == 3:
+                out[name] = w.transpose(1, 2, 0) if name in transposed else w.transpose(0, 2, 1)
+        out.update(lstm)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: mx.Dtype = mx.float32) -> EncodecModel:
+        """Load from a MusicGen composite folder (its `audio_encoder`) or a standalone EnCodec folder."""
+        from musicgen.weights import load_state_dict
+
+        path = Path(path)
+        config = json.loads((path / "config.json").read_text())
+        weights = load_state_dict(path)
+        if config.get("model_type") == "musicgen":
+            config = config["audio_encoder"]
+            prefix = "audio_encoder."
+            weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        model = cls(EncodecConfig.from_dict(config))
+        weights = model.sanitize(weights)
+        weights = {
+            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
+        model.load_weights(list(weights.items()), strict=True)
+        mx.eval(model.parameters())
+        return model
