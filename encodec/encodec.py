@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,22 @@ class EncodecConfig:
     @property
     def num_quantizers(self) -> int:
         return int(1000 * self.target_bandwidths[-1] // (self.frame_rate * self.codebook_nbits))
+
+
+WEIGHT_NORM_PARTS = {
+    "weight_g": "g",
+    "weight_v": "v",
+    "parametrizations.weight.original0": "g",
+    "parametrizations.weight.original1": "v",
+}
+LSTM_NAMES = {"weight_ih": "Wx", "weight_hh": "Wh", "bias_ih": "bias", "bias_hh": "bias"}
+
+
+def _fuse_weight_norm(g: mx.array, v: mx.array) -> mx.array:
+    """PyTorch weight norm g * v / ||v|| in float32, the norm over the axes where g has size 1 (dim=0)."""
+    g, v = g.astype(mx.float32), v.astype(mx.float32)
+    axes = [i for i in range(v.ndim) if g.shape[i] == 1]
+    return v * (g / mx.sqrt((v * v).sum(axis=axes, keepdims=True)))
 
 
 def _pad1d(x: mx.array, left: int, right: int, mode: str) -> mx.array:
@@ -384,51 +401,42 @@ class EncodecModel(nn.Module):
         """Int32 codes (batch, num_codebooks, frames) -> float32 audio (batch, frames * hop, channels)."""
         return self.decoder(self.quantizer.decode(codes)).astype(mx.float32)
 
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Hugging Face EnCodec names and layouts -> this module's (weight norm fused, MLX conv layout)."""
         out: dict[str, mx.array] = {}
-        fused: dict[str, dict[str, mx.array]] = {}
+        norm_parts: dict[str, dict[str, mx.array]] = {}
         for name, w in weights.items():
             if name.endswith(("embed_avg", "cluster_size", "inited")):
                 continue
-            for g_suffix, v_suffix in (
-                ("weight_g", "weight_v"),
-                ("parametrizations.weight.original0", "parametrizations.weight.original1"),
-            ):
-                if name.endswith((g_suffix, v_suffix)):
-                    base = name[: -len(g_suffix if name.endswith(g_suffix) else v_suffix)]
-                    part = "g" if name.endswith(g_suffix) else "v"
-                    fused.setdefault(base, {})[part] = w
+            for suffix, part in WEIGHT_NORM_PARTS.items():
+                if name.endswith(suffix):
+                    norm_parts.setdefault(name[: -len(suffix)] + "weight", {})[part] = w
                     break
             else:
                 out[name.replace(".codebook.embed", ".embed")] = w
-        for base, gv in fused.items():
-            g, v = gv["g"].astype(mx.float32), gv["v"].astype(mx.float32)
-            axes = [i for i in range(v.ndim) if g.shape[i] == 1]
-            norm = mx.sqrt((v * v).sum(axis=axes, keepdims=True))
-            out[base + "weight"] = (g * v / norm).astype(gv["v"].dtype)
-        transposed = {
-            f"{n}.conv.weight"
-            for n, m in self.named_modules()
-            if isinstance(m, EncodecConvTranspose1d)
-        }
-        lstm: dict[str, mx.array] = {}
+        for name, p in norm_parts.items():
+            out[name] = _fuse_weight_norm(p["g"], p["v"])
+        # the decoder's top-level convolutions other than the first and the last are transposed ones
+        top = sorted(
+            int(n.split(".")[2])
+            for n in out
+            if re.fullmatch(r"decoder\.layers\.\d+\.conv\.weight", n)
+        )
+        transposed = {f"decoder.layers.{i}.conv.weight" for i in top[1:-1]}
         for name in list(out):
             w = out[name]
             if ".lstm." in name:
+                del out[name]
                 prefix, pname = name.split(".lstm.")
                 kind, layer = pname.rsplit("_l", 1)
-                key = f"{prefix}.layers.{layer}"
-                del out[name]
-                if kind == "weight_ih":
-                    out[f"{key}.Wx"] = w
-                elif kind == "weight_hh":
-                    out[f"{key}.Wh"] = w
-                else:
-                    lstm[f"{key}.bias"] = lstm[f"{key}.bias"] + w if f"{key}.bias" in lstm else w
+                key = f"{prefix}.layers.{layer}." + LSTM_NAMES[kind]
+                if key in out:  # bias_ih + bias_hh, summed in float32
+                    w = out[key].astype(mx.float32) + w.astype(mx.float32)
+                out[key] = w
             elif name.endswith("conv.weight") and w.ndim == 3:
+                # PyTorch Conv1d (out, in, K), ConvTranspose1d (in, out, K) -> MLX (out, K, in)
                 out[name] = w.transpose(1, 2, 0) if name in transposed else w.transpose(0, 2, 1)
-        out.update(lstm)
         return out
 
     @classmethod
@@ -444,7 +452,7 @@ class EncodecModel(nn.Module):
             prefix = "audio_encoder."
             weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         model = cls(EncodecConfig.from_dict(config))
-        weights = model.sanitize(weights)
+        weights = cls.sanitize(weights)
         weights = {
             k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
             for k, v in weights.items()

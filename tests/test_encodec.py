@@ -1,0 +1,175 @@
+"""EnCodec parity with transformers' EncodecModel (tests/fixtures/expected/encodec.npz)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from encodec import EncodecConfig, EncodecModel
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EXPECTED = FIXTURES / "expected" / "encodec.npz"
+CHECKPOINTS = ("tiny-musicgen", "tiny-encodec", "tiny-musicgen-2023")
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, np.ndarray]:
+    return dict(np.load(EXPECTED))
+
+
+@pytest.fixture(scope="module", params=CHECKPOINTS)
+def model(request) -> EncodecModel:
+    return EncodecModel.from_pretrained(FIXTURES / request.param)
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+def long_test_signal() -> np.ndarray:
+    """The 30 s signal of scripts/make_reference_fixtures.py (not stored in the fixtures)."""
+    t = np.arange(30 * 32000, dtype=np.float64) / 32000
+    sig = 0.4 * np.sin(2 * np.pi * 220.0 * t)
+    sig += 0.25 * np.sin(2 * np.pi * 331.7 * t) * np.cos(np.pi * 0.5 * t)
+    sig += 0.1 * np.sign(np.sin(2 * np.pi * 3.0 * t))
+    return sig.astype(np.float32)
+
+
+def test_config_from_musicgen_small_values():
+    d = {
+        "audio_channels": 1,
+        "codebook_dim": 128,
+        "codebook_size": 2048,
+        "hidden_size": 128,
+        "num_filters": 64,
+        "sampling_rate": 32000,
+        "target_bandwidths": [2.2],
+        "upsampling_ratios": [8, 5, 4, 4],
+        "use_causal_conv": False,
+        "use_conv_shortcut": False,
+        "model_type": "encodec",
+        "some_future_key": 1,
+    }
+    config = EncodecConfig.from_dict(d)
+    assert (config.hop_length, config.frame_rate, config.num_quantizers) == (640, 50, 4)
+    assert EncodecConfig.from_dict({"hidden_size": 16}).codebook_dim == 16
+    # transformers' defaults (the 24 kHz model): 32 codebooks at 24 kbps, 75 Hz
+    config = EncodecConfig()
+    assert (config.hop_length, config.frame_rate, config.num_quantizers) == (320, 75, 32)
+
+
+def test_properties(model):
+    assert model.sampling_rate == 32000
+    assert model.frame_rate == 50
+    assert model.hop_length == 640
+    assert model.num_codebooks == 4
+
+
+def test_sanitize_layouts_and_weight_norm():
+    rng = np.random.default_rng(0)
+    v_conv = rng.standard_normal((6, 4, 3)).astype(np.float32)  # PyTorch Conv1d (out, in, K)
+    g_conv = rng.uniform(0.5, 2, (6, 1, 1)).astype(np.float32)
+    v_tr = rng.standard_normal((4, 2, 8)).astype(np.float32)  # ConvTranspose1d (in, out, K)
+    g_tr = rng.uniform(0.5, 2, (4, 1, 1)).astype(np.float32)
+    names = {
+        "decoder.layers.0.conv": (g_conv, v_conv),
+        "decoder.layers.3.conv": (g_tr, v_tr),
+        "decoder.layers.6.conv": (g_conv, v_conv),
+    }
+    for g_name, v_name in (
+        ("weight_g", "weight_v"),
+        ("parametrizations.weight.original0", "parametrizations.weight.original1"),
+    ):
+        weights = {"quantizer.layers.0.codebook.embed": mx.zeros((8, 2))}
+        for buffer in ("embed_avg", "cluster_size", "inited"):
+            weights[f"quantizer.layers.0.codebook.{buffer}"] = mx.zeros((1,))
+        for base, (g, v) in names.items():
+            weights[f"{base}.{g_name}"] = mx.array(g)
+            weights[f"{base}.{v_name}"] = mx.array(v).astype(mx.float16)
+        out = EncodecModel.sanitize(weights)
+        assert sorted(out) == [*(f"{b}.weight" for b in names), "quantizer.layers.0.embed"]
+        v16 = v_conv.astype(np.float16).astype(np.float32)
+        ref = g_conv * v16 / np.linalg.norm(v16.reshape(6, -1), axis=1)[:, None, None]
+        assert out["decoder.layers.0.conv.weight"].dtype == mx.float32
+        np.testing.assert_allclose(
+            out["decoder.layers.0.conv.weight"], ref.transpose(0, 2, 1), rtol=1e-6
+        )
+        v16 = v_tr.astype(np.float16).astype(np.float32)
+        ref = g_tr * v16 / np.linalg.norm(v16.reshape(4, -1), axis=1)[:, None, None]
+        np.testing.assert_allclose(
+            out["decoder.layers.3.conv.weight"], ref.transpose(1, 2, 0), rtol=1e-6
+        )
+
+
+def test_sanitize_lstm_sums_biases():
+    w = {
+        "encoder.layers.13.lstm.weight_ih_l1": mx.ones((8, 2)),
+        "encoder.layers.13.lstm.weight_hh_l1": mx.zeros((8, 2)),
+        "encoder.layers.13.lstm.bias_ih_l1": mx.full((8,), 0.25),
+        "encoder.layers.13.lstm.bias_hh_l1": mx.full((8,), 0.5),
+    }
+    out = EncodecModel.sanitize(w)
+    assert sorted(out) == [f"encoder.layers.13.layers.1.{n}" for n in ("Wh", "Wx", "bias")]
+    np.testing.assert_array_equal(out["encoder.layers.13.layers.1.bias"], np.full(8, 0.75))
+
+
+@pytest.mark.parametrize("frames", [1, 7, 50])
+def test_decode_parity(model, expected, frames):
+    codes = mx.array(expected[f"decode_codes_{frames}"])
+    audio = model.decode(codes)
+    assert audio.dtype == mx.float32
+    assert audio.shape == (1, frames * 640, 1)
+    ref = expected[f"decode_audio_{frames}"].transpose(0, 2, 1)
+    assert rel_err(np.array(audio), ref) <= 1e-4
+
+
+def test_decode_parity_30s(model, expected):
+    audio = np.array(model.decode(mx.array(expected["decode_codes_1500"])))[..., 0]
+    assert audio.shape == (1, 1500 * 640)
+    for key, part in (
+        ("head", audio[:, :8192]),
+        ("tail", audio[:, -8192:]),
+        ("sub32", audio[:, ::32]),
+    ):
+        assert rel_err(part, expected[f"decode_audio_1500_{key}"][:, 0]) <= 1e-4, key
+
+
+def test_decode_batch_matches_single(model, expected):
+    a, b = expected["decode_codes_7"], expected["decode_codes_50"][..., :7]
+    batch = np.array(model.decode(mx.array(np.concatenate([a, b]))))
+    single = np.array(model.decode(mx.array(b)))
+    np.testing.assert_allclose(batch[1:], single, atol=1e-6 * np.abs(single).max())
+
+
+@pytest.mark.parametrize("name", ["1f", "20f", "odd"])
+def test_encode_parity(model, expected, name):
+    audio = mx.array(expected[f"encode_audio_{name}"]).transpose(
+        0, 2, 1
+    )  # (batch, samples, channels)
+    codes = model.encode(audio)
+    ref = expected[f"encode_codes_{name}"]
+    assert codes.dtype == mx.int32
+    assert codes.shape == ref.shape == (1, 4, -(-audio.shape[1] // 640))
+    np.testing.assert_array_equal(np.array(codes), ref)
+
+
+def test_encode_parity_30s(model, expected):
+    codes = np.array(model.encode(mx.array(long_test_signal())[None, :, None]))
+    ref = expected["encode_codes_30s"]
+    assert codes.shape == ref.shape == (1, 4, 1500)
+    assert (codes == ref).mean() >= 0.999
+
+
+def test_composite_and_standalone_load_the_same_weights():
+    a = dict(tree_flatten(EncodecModel.from_pretrained(FIXTURES / "tiny-musicgen").parameters()))
+    b = dict(tree_flatten(EncodecModel.from_pretrained(FIXTURES / "tiny-encodec").parameters()))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    config = json.loads((FIXTURES / "tiny-musicgen" / "config.json").read_text())["audio_encoder"]
+    assert EncodecConfig.from_dict(config).num_filters == 2
