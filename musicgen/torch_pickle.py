@@ -209,11 +209,13 @@ def _ordered(dtype: np.dtype, byteorder: str) -> np.dtype:
 
 def _open_mmap(path: Path) -> mmap.mmap:
     try:
+        if path.stat().st_size == 0:
+            raise WeightsError(f"{path}: empty file (an interrupted download?)")
         with open(path, "rb") as f:
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except FileNotFoundError:
         raise WeightsError(f"missing checkpoint file: {path}") from None
-    except (OSError, ValueError) as e:  # ValueError: empty file
+    except OSError as e:
         raise WeightsError(f"{path}: cannot read ({e})") from None
 
 
@@ -310,9 +312,11 @@ def read_torch_file(path: str | Path) -> dict[str, _Tensor]:
     """The tensors of a `torch.save` state dict, not yet read (views on the mapped file)."""
     path = Path(path)
     mm = _open_mmap(path)
-    if zipfile.is_zipfile(path):
+    if mm[:4] == b"PK\x03\x04":
         return _read_zip(path, mm)
-    return _read_legacy(path, mm)
+    if mm[:1] == pickle.PROTO:
+        return _read_legacy(path, mm)
+    raise WeightsError(f"{path}: unknown format (not a PyTorch zip or legacy checkpoint)")
 
 
 def iter_torch_file(path: str | Path) -> Iterator[tuple[str, mx.array]]:

@@ -98,7 +98,8 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, mx.array]]:
         shard = mx.load(str(path))
     except (RuntimeError, ValueError, OSError) as e:
         raise WeightsError(f"{path}: corrupt or truncated safetensors file ({e})") from None
-    yield from shard.items()
+    for name in list(shard):
+        yield name, shard.pop(name)  # the caller holds the only reference: freed once it is done
 
 
 def iter_tensors(folder: str | Path) -> Iterator[tuple[str, mx.array]]:
@@ -470,8 +471,9 @@ def _convert(
             if component is None:
                 skipped.append(name)
                 continue
-            if not sub.endswith(WEIGHT_NORM_SUFFIXES):  # weight norm is fused (in fp32) by sanitize
-                w = _cast(w, dtypes[component])
+            # weight-norm parts (tiny) go to float32 so that sanitize fuses them at full precision
+            fused = sub.endswith(WEIGHT_NORM_SUFFIXES)
+            w = _cast(w, mx.float32 if fused else dtypes[component])
             mx.eval(w)  # reads it now, so the source shard's data is not held
             parts[component][sub] = w
             bar.update()
