@@ -330,6 +330,40 @@ def test_allow_patterns_pick_one_weight_format():
         W.allow_patterns(common)
 
 
+def test_online_resolution_downloads_one_format_and_exactly_the_index_shards(tmp_path, monkeypatch):
+    listing = [
+        "config.json",
+        "spiece.model",
+        "model.safetensors.index.json",
+        "pytorch_model.bin.index.json",
+    ]
+    listing += ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "README.md"]
+    index = {
+        "weight_map": {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors",
+        }
+    }
+    snapshot = tmp_path / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))
+    calls = []
+
+    def snapshot_download(model, revision, token, patterns, local):
+        calls.append((model, revision, token, list(patterns), local))
+        return snapshot
+
+    monkeypatch.setattr(W, "_hub_offline", lambda: False)
+    monkeypatch.setattr(W, "_repo_files", lambda model, revision, token: listing)
+    monkeypatch.setattr(W, "_snapshot", snapshot_download)
+    assert W.resolve_model_path("org/big", revision="v1", token="t", progress=False) == snapshot
+    assert len(calls) == 2 and all(c[:3] == ("org/big", "v1", "t") and not c[4] for c in calls)
+    assert not any(".bin" in p for p in calls[1][3])
+    assert sorted(set(calls[1][3]) - set(calls[0][3])) == sorted(set(index["weight_map"].values()))
+    with pytest.raises(W.WeightsError, match="no such folder"):
+        W.resolve_model_path(str(tmp_path / "not-there"))
+
+
 def make_hf_cache(root: Path, repo: str, source: Path) -> Path:
     """An HF hub cache holding `source` as repo@COMMIT, with refs/main pointing at it."""
     storage = root / f"models--{repo.replace('/', '--')}"
