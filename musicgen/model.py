@@ -282,17 +282,46 @@ class MusicgenDecoder(nn.Module):
         return model
 
 
-def quantize_decoder(decoder: MusicgenDecoder, bits: int, group_size: int = 64) -> MusicgenDecoder:
-    """Quantize the decoder's linear layers (those whose input width is a multiple of group_size) in place."""
+def _quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
+    return len(shape) == 2 and not name.startswith("embed_tokens") and shape[-1] % group_size == 0
+
+
+def quantize_weights(
+    weights: dict[str, mx.array], bits: int, group_size: int = 64
+) -> dict[str, mx.array]:
+    """Quantize sanitized decoder weights (linear layers only): name.weight -> weight, scales, biases."""
+    out = {}
+    for name, w in weights.items():
+        if name.endswith(".weight") and _quantizable(name, w.shape, group_size):
+            base = name[: -len(".weight")]
+            out[name], out[f"{base}.scales"], out[f"{base}.biases"] = mx.quantize(
+                w, group_size=group_size, bits=bits
+            )
+        else:
+            out[name] = w
+    return out
+
+
+def weights_quantizer(bits: int, group_size: int = 64):
+    """quantize_weights as a one-argument function (for the conversion cache, keyed on this file)."""
+
+    def quantize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        return quantize_weights(weights, bits, group_size)
+
+    return quantize
+
+
+def quantize_decoder(
+    decoder: MusicgenDecoder, bits: int, group_size: int = 64, only: dict | None = None
+) -> MusicgenDecoder:
+    """Quantize the decoder's linear layers in place (with `only`: those whose weights carry scales)."""
     if bits not in (4, 8):
         raise ValueError(f"quantize must be 4 or 8 bits, got {bits}")
-    nn.quantize(
-        decoder,
-        group_size=group_size,
-        bits=bits,
-        class_predicate=lambda _, m: (
-            isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size == 0
-        ),
-    )
-    mx.eval(decoder.parameters())
+
+    def predicate(path: str, m: nn.Module) -> bool:
+        if only is not None:
+            return f"{path}.scales" in only
+        return isinstance(m, nn.Linear) and _quantizable(path, m.weight.shape, group_size)
+
+    nn.quantize(decoder, group_size=group_size, bits=bits, class_predicate=predicate)
     return decoder

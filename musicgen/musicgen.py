@@ -8,10 +8,16 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from encodec.encodec import EncodecModel
+from encodec.encodec import EncodecConfig, EncodecModel
 from musicgen.generate import generate_tokens, steps_for_duration
-from musicgen.model import MusicgenDecoder, MusicgenDecoderConfig, quantize_decoder
-from t5.t5 import T5Encoder
+from musicgen.model import (
+    MusicgenDecoder,
+    MusicgenDecoderConfig,
+    quantize_decoder,
+    weights_quantizer,
+)
+from musicgen.weights import load_converted
+from t5.t5 import T5Config, T5Encoder
 from t5.tokenizer import T5Tokenizer
 
 # transformers' defaults when generation_config.json is absent (MusicGen's published values)
@@ -21,24 +27,6 @@ GENERATION_DEFAULTS = {"top_k": 250, "top_p": 0.0, "temperature": 1.0, "guidance
 def default_dtype() -> mx.Dtype:
     """float16 on a GPU, float32 on the CPU."""
     return mx.float16 if mx.default_device() == mx.gpu else mx.float32
-
-
-def resolve(model: str | Path, revision: str | None = None, progress: bool = True) -> Path:
-    """A local folder as is, else a Hugging Face repo id downloaded (or found) in the hub cache."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-
-    patterns = ["*.json", "*.safetensors", "*.bin", "spiece.model"]
-    if not progress:
-        disable_progress_bars()
-    try:
-        return Path(snapshot_download(str(model), revision=revision, allow_patterns=patterns))
-    finally:
-        if not progress:
-            enable_progress_bars()
 
 
 def read_generation_config(folder: Path) -> dict:
@@ -97,19 +85,32 @@ class MusicGen:
         `dtype` is the decoder's (None: float16 on GPU, float32 on CPU); T5 and EnCodec stay float32.
         `quantize` (4 or 8) quantizes the decoder's linear layers to that many bits.
         """
-        folder = resolve(model, revision=revision, progress=progress)
-        config = json.loads((folder / "config.json").read_text())
-        if config.get("model_type") != "musicgen":
-            raise ValueError(
-                f"{folder} is not a MusicGen checkpoint (model_type {config.get('model_type')!r})"
-            )
         dtype = default_dtype() if dtype is None else dtype
+        config, weights = load_converted(
+            model,
+            revision=revision,
+            dtype=dtype,
+            quantize=quantize,
+            sanitizers={
+                "text_encoder": T5Encoder.sanitize,
+                "audio_encoder": EncodecModel.sanitize,
+                "decoder": MusicgenDecoder.sanitize,
+            },
+            quantizer=None if quantize is None else weights_quantizer(quantize),
+            progress=progress,
+        )
+        folder = Path(config["_converted_path"])
         tokenizer = T5Tokenizer.from_pretrained(folder)
-        text_encoder = T5Encoder.from_pretrained(folder)
-        audio_encoder = EncodecModel.from_pretrained(folder)
-        decoder = MusicgenDecoder.from_pretrained(folder, dtype=dtype)
+        text_encoder = T5Encoder(T5Config.from_dict(config["text_encoder"]))
+        text_encoder.load_weights(list(weights["text_encoder"].items()), strict=True)
+        text_encoder.eval()
+        audio_encoder = EncodecModel(EncodecConfig.from_dict(config["audio_encoder"]))
+        audio_encoder.load_weights(list(weights["audio_encoder"].items()), strict=True)
+        decoder = MusicgenDecoder(MusicgenDecoderConfig.from_dict(config))
         if quantize is not None:
-            quantize_decoder(decoder, quantize)
+            quantize_decoder(decoder, quantize, only=weights["decoder"])
+        decoder.load_weights(list(weights["decoder"].items()), strict=True)
+        mx.eval(text_encoder.parameters(), audio_encoder.parameters(), decoder.parameters())
         return cls(
             config, tokenizer, text_encoder, decoder, audio_encoder, read_generation_config(folder)
         )

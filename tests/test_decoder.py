@@ -12,6 +12,7 @@ from musicgen.model import (
     MusicgenDecoder,
     MusicgenDecoderConfig,
     quantize_decoder,
+    quantize_weights,
     sinusoidal_positions,
 )
 
@@ -176,8 +177,17 @@ def test_quantized_decoder_stays_close():
     )
     tokens = mx.random.randint(0, 2048, (1, 4, 6), key=mx.random.key(3))
     ref = decoder(tokens, decoder.cross_states(states, mask))
+    from mlx.utils import tree_flatten
+
+    # the conversion-cache path: quantized weights loaded into a decoder quantized to match
+    stored = quantize_weights(dict(tree_flatten(decoder.parameters())), bits=8)
+    assert "layers.0.fc1.scales" in stored and "embed_tokens.0.scales" not in stored
+    loaded = quantize_decoder(MusicgenDecoder(config), 8, only=stored)
+    loaded.load_weights(list(stored.items()), strict=True)
     quantize_decoder(decoder, 8)
     assert type(decoder.layers[0].fc1).__name__ == "QuantizedLinear"
-    assert rel_err(decoder(tokens, decoder.cross_states(states, mask)), ref) <= 2e-2
+    out = decoder(tokens, decoder.cross_states(states, mask))
+    assert rel_err(out, ref) <= 2e-2
+    assert rel_err(loaded(tokens, loaded.cross_states(states, mask)), out) <= 1e-6
     with pytest.raises(ValueError):
         quantize_decoder(decoder, 3)
