@@ -145,6 +145,34 @@ def _conv1d(
     return y
 
 
+class ELU(nn.Module):
+    """ELU (alpha 1) as max(x, 0) + expm1(min(x, 0)): fewer passes than mx.where, exact near 0."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.size < 1 << 22 or mx.default_device() != mx.cpu or x.shape[1] < 2:
+            return _elu(x)
+        # MLX's CPU element-wise ops are single-threaded: run the two halves of time on two streams
+        half = x.shape[1] // 2
+        with mx.stream(_cpu_streams()[0]):
+            a = _elu(x[:, :half])
+        with mx.stream(_cpu_streams()[1]):
+            b = _elu(x[:, half:])
+        return mx.concatenate([a, b], axis=1)
+
+
+def _elu(x: mx.array) -> mx.array:
+    return mx.maximum(x, 0) + mx.expm1(mx.minimum(x, 0))
+
+
+_STREAMS: list = []
+
+
+def _cpu_streams() -> list:
+    if not _STREAMS:
+        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(2))
+    return _STREAMS
+
+
 class EncodecConv1d(nn.Module):
     """Conv1d with EnCodec's causal or centred padding (plus extra right padding for full frames)."""
 
@@ -181,24 +209,24 @@ class EncodecConv1d(nn.Module):
         return self.norm(x) if "norm" in self else x
 
 
-def _conv_transpose1d(x: mx.array, weight: mx.array, stride: int) -> mx.array:
-    """Transposed convolution as one matmul plus overlap-add (MLX's CPU conv_transpose is slow).
+def _conv_transpose1d(x: mx.array, weight: mx.array, bias: mx.array, stride: int) -> mx.array:
+    """Transposed convolution as a stride-1 convolution producing `stride` samples per input frame.
 
-    x: (B, T, in), weight: (out, K, in) -> (B, (T - 1) * stride + K, out).
+    x: (B, T, in), weight: (out, K, in) -> (B, (T - 1) * stride + K, out). With K = m * stride, output
+    block t (stride samples) is sum_j x[t - j] @ W_j: m taps over the zero-padded input (MLX's CPU
+    conv_transpose is far slower).
     """
     out_ch, kernel, in_ch = weight.shape
-    taps = -(-kernel // stride)  # ceil: blocks of `stride` kernel taps
+    taps = -(-kernel // stride)
     if taps * stride != kernel:
         weight = mx.pad(weight, [(0, 0), (0, taps * stride - kernel), (0, 0)])
-    w = weight.transpose(2, 1, 0).reshape(in_ch, taps * stride * out_ch)
-    batch, length, _ = x.shape
-    z = (x @ w).reshape(batch, length, taps, stride * out_ch)
-    y = None
-    for j in range(taps):
-        zj = z[:, :, j].reshape(batch, length * stride, out_ch)
-        zj = mx.pad(zj, [(0, 0), (j * stride, (taps - 1 - j) * stride), (0, 0)])
-        y = zj if y is None else y + zj
-    return y[:, : (length - 1) * stride + kernel]
+    # (out, m, s, in) -> (s * out, m, in) with the taps reversed: row r * out + o of tap i is W[o, (m-1-i) s + r]
+    w = weight.reshape(out_ch, taps, stride, in_ch)[:, ::-1].transpose(2, 0, 1, 3)
+    w = w.reshape(stride * out_ch, taps, in_ch)
+    x = mx.pad(x, [(0, 0), (taps - 1, taps - 1), (0, 0)])
+    y = _conv1d(x, w, mx.tile(bias, stride))
+    batch, blocks, _ = y.shape
+    return y.reshape(batch, blocks * stride, out_ch)[:, : (blocks - taps) * stride + kernel]
 
 
 class EncodecConvTranspose1d(nn.Module):
@@ -219,23 +247,51 @@ class EncodecConvTranspose1d(nn.Module):
         self.trim_left = padding_total - self.trim_right
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = _conv_transpose1d(x, self.conv.weight, self.conv.stride) + self.conv.bias
+        x = _conv_transpose1d(x, self.conv.weight, self.conv.bias, self.conv.stride)
         if "norm" in self:
             x = self.norm(x)
         return x[:, self.trim_left : x.shape[1] - self.trim_right]
 
 
+@mx.compile
+def _lstm_step(gx: mx.array, h: mx.array, c: mx.array, wh: mx.array) -> tuple[mx.array, mx.array]:
+    """One LSTM step from precomputed input gates gx (B, 4H): PyTorch gate order i, f, g, o."""
+    gates = gx + (wh @ h.T).T  # W @ h: a faster matrix-vector product than h @ W.T on CPU
+    i, f, g, o = mx.split(gates, 4, axis=-1)
+    c = mx.sigmoid(f) * c + mx.sigmoid(i) * mx.tanh(g)
+    return mx.sigmoid(o) * mx.tanh(c), c
+
+
+class LSTM(nn.Module):
+    """One LSTM layer (same parameters as mlx.nn.LSTM); input projections for all steps in one matmul."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.Wx = mx.zeros((4 * hidden_size, input_size))
+        self.Wh = mx.zeros((4 * hidden_size, hidden_size))
+        self.bias = mx.zeros((4 * hidden_size,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gx = mx.addmm(self.bias, x, self.Wx.T)
+        h = c = mx.zeros((x.shape[0], self.Wh.shape[1]), dtype=x.dtype)
+        hs = []
+        for t in range(x.shape[1]):
+            h, c = _lstm_step(gx[:, t], h, c, self.Wh)
+            hs.append(h)
+        return mx.stack(hs, axis=1)
+
+
 class EncodecLSTM(nn.Module):
-    """Stacked LSTM over time with a skip connection (PyTorch gate order i, f, g, o)."""
+    """Stacked LSTM over time with a skip connection."""
 
     def __init__(self, config: EncodecConfig, dim: int):
         super().__init__()
-        self.layers = [nn.LSTM(dim, dim) for _ in range(config.num_lstm_layers)]
+        self.layers = [LSTM(dim, dim) for _ in range(config.num_lstm_layers)]
 
     def __call__(self, x: mx.array) -> mx.array:
         h = x
         for layer in self.layers:
-            h = layer(h)[0]
+            h = layer(h)
         return h + x
 
 
@@ -249,7 +305,7 @@ class EncodecResnetBlock(nn.Module):
         chans = (dim, hidden, dim)
         self.block = []
         for i, (k, d) in enumerate(zip(kernels, dilations, strict=True)):
-            self.block += [nn.ELU(), EncodecConv1d(config, chans[i], chans[i + 1], k, dilation=d)]
+            self.block += [ELU(), EncodecConv1d(config, chans[i], chans[i + 1], k, dilation=d)]
         if config.use_conv_shortcut:
             self.shortcut = EncodecConv1d(config, dim, dim, 1)
 
@@ -272,9 +328,9 @@ class EncodecEncoder(nn.Module):
             dim = scale * c.num_filters
             for j in range(c.num_residual_layers):
                 layers.append(EncodecResnetBlock(c, dim, (c.dilation_growth_rate**j, 1)))
-            layers += [nn.ELU(), EncodecConv1d(c, dim, dim * 2, ratio * 2, stride=ratio)]
+            layers += [ELU(), EncodecConv1d(c, dim, dim * 2, ratio * 2, stride=ratio)]
             scale *= 2
-        layers += [EncodecLSTM(c, scale * c.num_filters), nn.ELU()]
+        layers += [EncodecLSTM(c, scale * c.num_filters), ELU()]
         layers.append(EncodecConv1d(c, scale * c.num_filters, c.hidden_size, c.last_kernel_size))
         self.layers = layers
 
@@ -295,11 +351,11 @@ class EncodecDecoder(nn.Module):
         layers.append(EncodecLSTM(c, scale * c.num_filters))
         for ratio in c.upsampling_ratios:
             dim = scale * c.num_filters
-            layers += [nn.ELU(), EncodecConvTranspose1d(c, dim, dim // 2, ratio * 2, stride=ratio)]
+            layers += [ELU(), EncodecConvTranspose1d(c, dim, dim // 2, ratio * 2, stride=ratio)]
             for j in range(c.num_residual_layers):
                 layers.append(EncodecResnetBlock(c, dim // 2, (c.dilation_growth_rate**j, 1)))
             scale //= 2
-        layers += [nn.ELU(), EncodecConv1d(c, c.num_filters, c.audio_channels, c.last_kernel_size)]
+        layers += [ELU(), EncodecConv1d(c, c.num_filters, c.audio_channels, c.last_kernel_size)]
         self.layers = layers
 
     def __call__(self, x: mx.array) -> mx.array:

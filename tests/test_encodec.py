@@ -173,3 +173,14 @@ def test_composite_and_standalone_load_the_same_weights():
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     config = json.loads((FIXTURES / "tiny-musicgen" / "config.json").read_text())["audio_encoder"]
     assert EncodecConfig.from_dict(config).num_filters == 2
+
+
+def test_elu_two_stream_split_matches_reference():
+    from encodec.encodec import ELU
+
+    x = (
+        mx.random.normal((1, (1 << 22) // 3 + 5, 3), key=mx.random.key(0)) * 3
+    )  # above the split size
+    ref = np.array(x)
+    ref = np.where(ref > 0, ref, np.expm1(np.minimum(ref, 0)))
+    np.testing.assert_allclose(np.array(ELU()(x)), ref, rtol=1e-6, atol=1e-7)
