@@ -86,28 +86,49 @@ def _fuse_weight_norm(g: mx.array, v: mx.array) -> mx.array:
     return v * (g / mx.sqrt((v * v).sum(axis=axes, keepdims=True)))
 
 
-def _pad1d(x: mx.array, left: int, right: int, mode: str) -> mx.array:
-    """Pad the time axis of (batch, time, channels); reflect mode zero-extends inputs too short to reflect."""
+def _pad1d(x: mx.array, left: int, right: int, mode: str, act: ELU | None = None) -> mx.array:
+    """Pad the time axis of (batch, time, channels), applying `act` first (fused into the one copy).
+
+    Reflect mode zero-extends inputs too short to reflect, like transformers.
+    """
     if left == 0 and right == 0:
-        return x
-    if mode == "constant":
-        return mx.pad(x, [(0, 0), (left, right), (0, 0)])
-    if mode == "replicate":
-        return mx.pad(x, [(0, 0), (left, right), (0, 0)], mode="edge")
-    if mode != "reflect":
+        return act(x) if act is not None else x
+    if mode not in ("constant", "reflect", "replicate"):
         raise ValueError(f"Unsupported pad_mode {mode!r}")
     length = x.shape[1]
-    extra = max(left, right) - length + 1 if length <= max(left, right) else 0
+    extra = max(left, right) - length + 1 if mode == "reflect" and length <= max(left, right) else 0
     if extra:
-        x = mx.pad(x, [(0, 0), (0, extra), (0, 0)])
+        x = mx.pad(act(x) if act is not None else x, [(0, 0), (0, extra), (0, 0)])
+        act = None
     n = x.shape[1]
-    parts = [x[:, left:0:-1]] if left else []
-    parts.append(x)
-    if right:
+    if mode == "constant":
+        head = mx.zeros((x.shape[0], left, x.shape[2]), x.dtype)
+        tail = mx.zeros((x.shape[0], right, x.shape[2]), x.dtype)
+    elif mode == "replicate":
+        head = mx.repeat(x[:, :1], left, axis=1)
+        tail = mx.repeat(x[:, -1:], right, axis=1)
+    else:
         stop = n - 2 - right
-        parts.append(x[:, n - 2 : stop if stop >= 0 else None : -1])
-    x = mx.concatenate(parts, axis=1)
+        head = x[:, left:0:-1]
+        tail = x[:, n - 2 : stop if stop >= 0 else None : -1]
+    middle = act.pieces(x) if act is not None else [x]
+    if act is not None:
+        head, tail = act(head), act(tail)
+    x = mx.concatenate([head, *middle, tail], axis=1)
     return x[:, : x.shape[1] - extra] if extra else x
+
+
+def _apply(layers: list[nn.Module], x: mx.array) -> mx.array:
+    """Run layers in order; an ELU is fused into the padding copy of the convolution after it."""
+    act = None
+    for layer in layers:
+        if isinstance(layer, ELU):
+            act = layer
+        elif isinstance(layer, (EncodecConv1d, EncodecConvTranspose1d)):
+            x, act = layer(x, act), None
+        else:
+            x, act = layer(act(x) if act is not None else x), None
+    return act(x) if act is not None else x
 
 
 def _conv1d(
@@ -149,15 +170,20 @@ class ELU(nn.Module):
     """ELU (alpha 1) as max(x, 0) + expm1(min(x, 0)): fewer passes than mx.where, exact near 0."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        parts = self.pieces(x)
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+
+    def pieces(self, x: mx.array) -> list[mx.array]:
+        """ELU of x as consecutive chunks of time (for a caller that concatenates anyway)."""
         if x.size < 1 << 22 or mx.default_device() != mx.cpu or x.shape[1] < 2:
-            return _elu(x)
-        # MLX's CPU element-wise ops are single-threaded: run the two halves of time on two streams
+            return [_elu(x)]
+        # MLX's CPU element-wise ops are single-threaded: the two halves of time run on two streams
         half = x.shape[1] // 2
         with mx.stream(_cpu_streams()[0]):
             a = _elu(x[:, :half])
         with mx.stream(_cpu_streams()[1]):
             b = _elu(x[:, half:])
-        return mx.concatenate([a, b], axis=1)
+        return [a, b]
 
 
 def _elu(x: mx.array) -> mx.array:
@@ -196,20 +222,22 @@ class EncodecConv1d(nn.Module):
         self.kernel = (kernel_size - 1) * dilation + 1
         self.padding_total = self.kernel - stride
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, act: ELU | None = None) -> mx.array:
         length = x.shape[1]
         n_frames = math.ceil((length - self.kernel + self.padding_total) / self.stride + 1) - 1
         extra = n_frames * self.stride + self.kernel - self.padding_total - length
         if self.causal:
-            x = _pad1d(x, self.padding_total, extra, self.pad_mode)
+            x = _pad1d(x, self.padding_total, extra, self.pad_mode, act)
         else:
             right = self.padding_total // 2
-            x = _pad1d(x, self.padding_total - right, right + extra, self.pad_mode)
+            x = _pad1d(x, self.padding_total - right, right + extra, self.pad_mode, act)
         x = _conv1d(x, self.conv.weight, self.conv.bias, self.stride, self.dilation)
         return self.norm(x) if "norm" in self else x
 
 
-def _conv_transpose1d(x: mx.array, weight: mx.array, bias: mx.array, stride: int) -> mx.array:
+def _conv_transpose1d(
+    x: mx.array, weight: mx.array, bias: mx.array, stride: int, act: ELU | None = None
+) -> mx.array:
     """Transposed convolution as a stride-1 convolution producing `stride` samples per input frame.
 
     x: (B, T, in), weight: (out, K, in) -> (B, (T - 1) * stride + K, out). With K = m * stride, output
@@ -223,7 +251,7 @@ def _conv_transpose1d(x: mx.array, weight: mx.array, bias: mx.array, stride: int
     # (out, m, s, in) -> (s * out, m, in) with the taps reversed: row r * out + o of tap i is W[o, (m-1-i) s + r]
     w = weight.reshape(out_ch, taps, stride, in_ch)[:, ::-1].transpose(2, 0, 1, 3)
     w = w.reshape(stride * out_ch, taps, in_ch)
-    x = mx.pad(x, [(0, 0), (taps - 1, taps - 1), (0, 0)])
+    x = _pad1d(x, taps - 1, taps - 1, "constant", act)
     y = _conv1d(x, w, mx.tile(bias, stride))
     batch, blocks, _ = y.shape
     return y.reshape(batch, blocks * stride, out_ch)[:, : (blocks - taps) * stride + kernel]
@@ -246,8 +274,8 @@ class EncodecConvTranspose1d(nn.Module):
             self.trim_right = padding_total // 2
         self.trim_left = padding_total - self.trim_right
 
-    def __call__(self, x: mx.array) -> mx.array:
-        x = _conv_transpose1d(x, self.conv.weight, self.conv.bias, self.conv.stride)
+    def __call__(self, x: mx.array, act: ELU | None = None) -> mx.array:
+        x = _conv_transpose1d(x, self.conv.weight, self.conv.bias, self.conv.stride, act)
         if "norm" in self:
             x = self.norm(x)
         return x[:, self.trim_left : x.shape[1] - self.trim_right]
@@ -310,9 +338,7 @@ class EncodecResnetBlock(nn.Module):
             self.shortcut = EncodecConv1d(config, dim, dim, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = x
-        for layer in self.block:
-            h = layer(h)
+        h = _apply(self.block, x)
         return (self.shortcut(x) if "shortcut" in self else x) + h
 
 
@@ -335,9 +361,7 @@ class EncodecEncoder(nn.Module):
         self.layers = layers
 
     def __call__(self, x: mx.array) -> mx.array:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        return _apply(self.layers, x)
 
 
 class EncodecDecoder(nn.Module):
@@ -359,9 +383,7 @@ class EncodecDecoder(nn.Module):
         self.layers = layers
 
     def __call__(self, x: mx.array) -> mx.array:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        return _apply(self.layers, x)
 
 
 class EncodecCodebook(nn.Module):
