@@ -1,0 +1,818 @@
+"""musicgen-cli: text to music from the command line; also `convert` and `cache list|clear`.
+
+    musicgen-cli --prompt "happy rock" --max-steps 300 --output happy_rock.wav
+    musicgen-cli convert --model facebook/musicgen-small --dtype float16
+    musicgen-cli cache list
+
+Every flag is documented in docs/cli.md. Arguments are checked before anything heavy is imported; bad input
+gets one `musicgen-cli: error: ...` line on stderr and a non-zero exit (2 for usage errors), Ctrl+C exits 130
+after removing partial and temporary files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+PROG = "musicgen-cli"
+DEFAULT_MODEL = "facebook/musicgen-small"
+DEFAULT_STEPS = 300
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")  # musicgen.audio.FORMATS (not imported: it loads mlx)
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
+DEBUG_ENV = "MUSICGEN_CLI_DEBUG"  # set to 1 to get the traceback of an unexpected error
+
+
+class CliError(Exception):
+    """A one-line error for the user; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+class UsageError(CliError):
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_USAGE)
+
+
+class Terminated(BaseException):
+    """SIGTERM, handled like Ctrl+C (exit 143)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) that exit 2."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("musicgen-mlx")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------- parsers
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def generate_parser() -> Parser:
+    p = Parser(
+        prog=PROG,
+        description="Generate music from text with MusicGen in MLX.",
+        epilog=(
+            f"Other commands: '{PROG} convert --help' (pre-convert a checkpoint), "
+            f"'{PROG} cache --help' (list or clear converted checkpoints). "
+            "Full documentation: docs/cli.md."
+        ),
+    )
+    g = p.add_argument_group("prompts")
+    g.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="text description; repeat for several prompts, generated as one batch",
+    )
+    g.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        help="one prompt a line (blank lines and lines starting with # skipped)",
+    )
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="output file (.wav 16-bit PCM, .flac or .ogg); with several prompts FILE_001.wav, ...",
+    )
+    g.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="write DIR/PREFIX_001.wav, ... continuing after the highest existing number",
+    )
+    g.add_argument(
+        "--prefix",
+        metavar="NAME",
+        help="file name prefix for --output-dir (default: from the prompt)",
+    )
+    g.add_argument(
+        "--format",
+        choices=[e[1:] for e in AUDIO_EXTENSIONS],
+        help="audio format when the name is not given by --output (default wav)",
+    )
+    g.add_argument(
+        "--sample-rate",
+        type=positive_int,
+        metavar="HZ",
+        help="resample the output to HZ (soxr, high quality); default the model's rate",
+    )
+    g.add_argument(
+        "--no-metadata", action="store_true", help="do not write the FILE.json metadata sidecar"
+    )
+    g.add_argument("--play", action="store_true", help="play the result when done")
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hugging Face repo id or local folder (default {DEFAULT_MODEL})",
+    )
+    g.add_argument("--revision", help="hub branch, tag or commit of --model")
+    g.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="decoder dtype (auto: float16 on a GPU, float32 on the CPU)",
+    )
+    g.add_argument(
+        "--quantize",
+        type=int,
+        choices=(4, 8),
+        metavar="{8,4}",
+        help="quantize the decoder's linear layers to 8 or 4 bits",
+    )
+    g = p.add_argument_group("generation")
+    g.add_argument(
+        "--max-steps",
+        type=int,
+        metavar="N",
+        help=f"decoder steps (default {DEFAULT_STEPS}; 50 steps = 1 s, minus 3 for the delays)",
+    )
+    g.add_argument(
+        "--duration",
+        type=float,
+        metavar="SECONDS",
+        help="length of the audio in seconds (instead of --max-steps)",
+    )
+    g.add_argument(
+        "--top-k", type=int, metavar="K", help="sample from the K most likely tokens (250)"
+    )
+    g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling, 0 = off (0)")
+    g.add_argument("--temperature", type=float, metavar="T", help="sampling temperature > 0 (1.0)")
+    g.add_argument(
+        "--guidance",
+        type=float,
+        metavar="G",
+        help="classifier-free guidance scale, <= 1 turns it off (3.0)",
+    )
+    g.add_argument(
+        "--seed", type=int, help="random seed (default: a fresh one, saved in the metadata)"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no final line")
+    p.add_argument("--version", action="version", version=f"{PROG} {version()}")
+    return p
+
+
+def convert_parser() -> Parser:
+    p = Parser(
+        prog=f"{PROG} convert",
+        description="Convert a checkpoint into the conversion cache once, and print where it is.",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hugging Face repo id or local folder (default {DEFAULT_MODEL})",
+    )
+    p.add_argument("--revision", help="hub branch, tag or commit")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="decoder dtype")
+    p.add_argument(
+        "--quantize",
+        type=int,
+        choices=(4, 8),
+        metavar="{8,4}",
+        help="quantize the decoder's linear layers to 8 or 4 bits",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def cache_parser() -> Parser:
+    p = Parser(
+        prog=f"{PROG} cache",
+        description="Manage the conversion cache ($MUSICGEN_MLX_CACHE, default ~/.cache/musicgen-mlx).",
+    )
+    sub = p.add_subparsers(dest="action", metavar="{list,clear}", parser_class=Parser)
+    sub.required = True
+    ls = sub.add_parser("list", help="list converted checkpoints")
+    ls.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    ls.add_argument("--json", action="store_true", help="print the entries as JSON")
+    clear = sub.add_parser("clear", help="remove converted checkpoints")
+    clear.add_argument("--model", help="only this model's entries (repo id or folder)")
+    return p
+
+
+# ---------------------------------------------------------------------------------- validation
+
+
+@dataclass
+class Job:
+    """Everything a generation needs, checked."""
+
+    prompts: list[str]
+    folder: Path
+    ext: str
+    output: Path | None = None  # one explicit file (overwritten)
+    prefix: str | None = None  # numbered names PREFIX_001.ext
+    names: list[str] = field(default_factory=list)  # default names, from the prompts
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    for p in prompts:
+        if not p.strip():
+            raise UsageError("--prompt is empty")
+    if args.prompts_file:
+        try:
+            text = Path(args.prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(
+                f"cannot read --prompts-file {args.prompts_file}: {reason(e)}"
+            ) from None
+        lines = [line.strip() for line in text.splitlines()]
+        found = [line for line in lines if line and not line.startswith("#")]
+        if not found:
+            raise UsageError(f"no prompts in {args.prompts_file}")
+        prompts += found
+    if not prompts:
+        raise UsageError("give a text description with --prompt TEXT (or --prompts-file FILE)")
+    return [p.strip() for p in prompts]
+
+
+def reason(e: BaseException) -> str:
+    """An OSError's message without the errno noise."""
+    return getattr(e, "strerror", None) or str(e)
+
+
+def check_folder(folder: Path, what: str) -> None:
+    """The folder must exist and accept new files (tried for real: os.access lies to root)."""
+    if not folder.exists():
+        raise UsageError(f"{what} {folder} does not exist")
+    if not folder.is_dir():
+        raise UsageError(f"{what} {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".musicgen-cli-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{what} {folder} is not writable ({reason(e)})") from None
+
+
+def slug(prompt: str) -> str:
+    """A file name from a prompt: 'Happy rock!' -> 'happy_rock'."""
+    s = re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:48].rstrip("_")
+    return s or "musicgen"
+
+
+def check_output(args, prompts: list[str]) -> Job:
+    ext = f".{args.format}" if args.format else None
+    if args.output and args.output_dir:
+        raise UsageError("give --output or --output-dir, not both")
+    if args.output:
+        if args.prefix:
+            raise UsageError("--prefix goes with --output-dir, not --output")
+        out = Path(args.output).expanduser()
+        suffix = out.suffix.lower()
+        if suffix not in AUDIO_EXTENSIONS:
+            raise UsageError(
+                f"unknown output format '{out.suffix or out.name}': use {', '.join(AUDIO_EXTENSIONS)}"
+            )
+        if ext and ext != suffix:
+            raise UsageError(f"--format {args.format} contradicts --output {out.name}")
+        if out.is_dir():
+            raise UsageError(f"--output {out} is a folder (use --output-dir)")
+        folder = out.parent
+        check_folder(folder, "output folder")
+        if len(prompts) == 1:
+            return Job(prompts, folder, out.suffix, output=out)
+        return Job(prompts, folder, out.suffix, prefix=out.stem)
+    folder = Path(args.output_dir).expanduser() if args.output_dir else Path(".")
+    check_folder(folder, "--output-dir" if args.output_dir else "current folder")
+    if args.prefix is not None:
+        if not args.prefix.strip() or "/" in args.prefix or os.sep in args.prefix:
+            raise UsageError(f"--prefix must be a plain file name, got '{args.prefix}'")
+        return Job(prompts, folder, ext or ".wav", prefix=args.prefix)
+    return Job(prompts, folder, ext or ".wav", names=[slug(p) for p in prompts])
+
+
+def check_numbers(args) -> None:
+    if args.max_steps is not None and args.duration is not None:
+        raise UsageError("give --max-steps or --duration, not both")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
+    if args.duration is not None and not args.duration > 0:
+        raise UsageError(f"--duration must be positive, got {args.duration:g}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 <= args.top_p <= 1:
+        raise UsageError(f"--top-p must be in [0, 1], got {args.top_p:g}")
+    if args.temperature is not None and not args.temperature > 0:
+        raise UsageError(f"--temperature must be positive, got {args.temperature:g}")
+    if args.guidance is not None and not args.guidance >= 0:
+        raise UsageError(f"--guidance must be 0 or more, got {args.guidance:g}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.sample_rate is not None and not 1000 <= args.sample_rate <= 384_000:
+        raise UsageError(f"--sample-rate must be in [1000, 384000] Hz, got {args.sample_rate}")
+
+
+def step_limits(config: dict) -> tuple[int, int, int]:
+    """(fewest steps, most steps, frame rate) of a MusicGen config (steps must exceed the largest delay)."""
+    from encodec.encodec import EncodecConfig
+    from musicgen.model import MusicgenDecoderConfig
+
+    decoder = MusicgenDecoderConfig.from_dict(config)
+    frame_rate = EncodecConfig.from_dict(config["audio_encoder"]).frame_rate
+    return max(decoder.delays) + 1, decoder.max_position_embeddings, frame_rate
+
+
+def steps_to_run(args, limits: tuple[int, int, int]) -> int:
+    """Decoder steps for --max-steps / --duration, checked against the model's limits."""
+    low, high, frame_rate = limits
+    delay = low - 1
+    if args.duration is not None:
+        frames = round(args.duration * frame_rate)
+        if frames < 1:
+            raise UsageError(f"--duration must be at least {1 / frame_rate:g} s (one frame)")
+        steps = frames + delay
+        if steps > high:
+            raise UsageError(
+                f"--duration {args.duration:g} s is longer than this model's window of "
+                f"{(high - delay) / frame_rate:g} s ({high} steps); longer generation is not supported yet"
+            )
+        return steps
+    steps = DEFAULT_STEPS if args.max_steps is None else args.max_steps
+    if steps < low:
+        raise UsageError(f"--max-steps must be at least {low} for this model, got {steps}")
+    if steps > high:
+        raise UsageError(f"--max-steps must be at most {high} for this model, got {steps}")
+    return steps
+
+
+LINUX_PLAYERS = (
+    ("ffplay", ["-nodisp", "-autoexit", "-loglevel", "error"], AUDIO_EXTENSIONS),
+    ("aplay", ["-q"], (".wav",)),
+    ("paplay", [], AUDIO_EXTENSIONS),
+    ("play", ["-q"], AUDIO_EXTENSIONS),
+)
+
+
+def find_player(ext: str) -> list[str] | None:
+    """The command that plays a file of this format here, or None."""
+    if sys.platform == "darwin":
+        return ["afplay"] if shutil.which("afplay") else None
+    for name, flags, formats in LINUX_PLAYERS:
+        path = shutil.which(name)
+        if path and ext.lower() in formats:
+            return [path, *flags]
+    return None
+
+
+NO_PLAYER = (
+    "--play: no audio player found (macOS: afplay; Linux: install ffmpeg (ffplay), alsa-utils (aplay), "
+    "pulseaudio-utils (paplay) or sox (play))"
+)
+
+
+# ------------------------------------------------------------------------------- output files
+
+
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+
+class Outputs:
+    """Temp files and finished files of this run: all removed if the run is interrupted."""
+
+    def __init__(self):
+        self.temps: set[Path] = set()
+        self.done: list[Path] = []
+        self.reserved: set[str] = set()
+        self.keep = False
+
+    def cleanup(self) -> None:
+        for path in list(self.temps) + ([] if self.keep else self.done):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self.temps.clear()
+
+    def temp_for(self, dest: Path) -> Path:
+        tmp = dest.parent / f".{dest.stem}.{uuid.uuid4().hex[:8]}.partial{dest.suffix}"
+        self.temps.add(tmp)
+        return tmp
+
+    def place(self, tmp: Path, dest: Path, overwrite: bool) -> None:
+        """Rename a finished temp file into place; without `overwrite`, FileExistsError if dest exists."""
+        os.chmod(tmp, 0o666 & ~UMASK)  # temp files are private (0600); the result gets the usual mode
+        if overwrite:
+            os.replace(tmp, dest)
+        else:
+            try:
+                os.link(tmp, dest)  # atomic and never overwrites
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links on this file system
+                if dest.exists():
+                    raise FileExistsError(dest) from None
+                os.replace(tmp, dest)
+            else:
+                tmp.unlink()
+        self.temps.discard(tmp)
+        self.done.append(dest)
+
+
+NUMBERED = re.compile(r"_(\d+)(?:\.|$)")
+
+
+def highest_number(folder: Path, prefix: str) -> int:
+    """The highest N of the files PREFIX_N.* in folder (0 if none)."""
+    top = 0
+    for path in folder.iterdir():
+        if path.name.startswith(f"{prefix}_"):
+            m = NUMBERED.match(path.name[len(prefix) :])
+            if m:
+                top = max(top, int(m.group(1)))
+    return top
+
+
+def free_name(folder: Path, prefix: str, ext: str, taken: set[str], numbered: bool) -> Path:
+    """PREFIX.ext if it and its sidecar are free and not `numbered`, else the next PREFIX_NNN.ext."""
+    plain = folder / f"{prefix}{ext}"
+    if (
+        not numbered
+        and plain.name not in taken
+        and not plain.exists()
+        and not sidecar(plain).exists()
+    ):
+        return plain
+    n = highest_number(folder, prefix)
+    while True:
+        n += 1
+        path = folder / f"{prefix}_{n:03d}{ext}"
+        if path.name not in taken and not path.exists() and not sidecar(path).exists():
+            return path
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def write_file(outputs: Outputs, job: Job, i: int, audio, rate: int, metadata: dict | None) -> Path:
+    """Write clip i (and its sidecar) through a temp file; returns the final path."""
+    from musicgen.audio import save_audio
+
+    while True:
+        if job.output is not None:
+            dest, overwrite = job.output, True
+        else:
+            prefix = job.prefix or job.names[i]
+            dest = free_name(
+                job.folder, prefix, job.ext, outputs.reserved, numbered=bool(job.prefix)
+            )
+            overwrite = False
+        tmp = outputs.temp_for(dest)
+        try:
+            save_audio(tmp, audio, rate)
+        except OSError as e:
+            raise CliError(f"cannot write {dest}: {reason(e)}") from None
+        except Exception as e:  # e.g. libsndfile refusing a rate for a format
+            raise CliError(f"cannot write {dest}: {e}") from None
+        try:
+            outputs.place(tmp, dest, overwrite)
+        except FileExistsError:  # another process took the name meanwhile: next number
+            outputs.reserved.add(dest.name)
+            tmp.unlink(missing_ok=True)
+            outputs.temps.discard(tmp)
+            continue
+        except OSError as e:
+            raise CliError(f"cannot write {dest}: {reason(e)}") from None
+        outputs.reserved.add(dest.name)
+        break
+    if metadata is not None:
+        meta = sidecar(dest)
+        tmp = outputs.temp_for(meta)
+        try:
+            tmp.write_text(json.dumps({**metadata, "file": dest.name}, indent=2) + "\n")
+            outputs.place(tmp, meta, overwrite=True)
+        except OSError as e:
+            raise CliError(f"cannot write {meta}: {reason(e)}") from None
+    return dest
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def log(args, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def dtype_arg(name: str):
+    import mlx.core as mx
+
+    return None if name == "auto" else getattr(mx, name)
+
+
+def dtype_name(name: str) -> str:
+    """ "float32" etc.; auto is what MusicGen picks on this machine."""
+    if name != "auto":
+        return name
+    from musicgen.musicgen import default_dtype
+
+    return str(default_dtype()).rsplit(".", 1)[-1]
+
+
+def load_model(args):
+    """MusicGen.from_pretrained with its errors as one-line CliErrors."""
+    from musicgen.musicgen import MusicGen
+    from musicgen.weights import WeightsError
+
+    try:
+        return MusicGen.from_pretrained(
+            args.model,
+            dtype=dtype_arg(args.dtype),
+            revision=args.revision,
+            quantize=args.quantize,
+            progress=not args.quiet,
+        )
+    except WeightsError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:  # download failures, unreadable files, full disk while converting
+        raise CliError(f"cannot load {args.model}: {reason(e)}") from None
+
+
+def looks_like_path(model: str) -> bool:
+    """A local path rather than a hub repo id (as musicgen.weights decides)."""
+    return (
+        model.startswith(("/", ".", "~"))
+        or model.count("/") > 1
+        or (os.sep != "/" and os.sep in model)
+    )
+
+
+def peek_local_config(model: str) -> dict | None:
+    """The config of a local checkpoint folder (cheap; refuses unsupported model types), else None."""
+    from musicgen.weights import WeightsError, load_config, weight_files
+
+    path = Path(model).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--model {model} is a file: give the checkpoint's folder")
+    if not path.is_dir():
+        if looks_like_path(model):
+            raise CliError(f"no such model folder: {model}")
+        return None
+    try:
+        config = load_config(path)
+        weight_files(path)
+    except WeightsError as e:
+        raise CliError(str(e)) from None
+    return config
+
+
+def model_source(model) -> dict:
+    """Where the weights came from (repo and commit, or folder), from the conversion cache manifest."""
+    try:
+        manifest = json.loads((Path(model.config["_converted_path"]) / "manifest.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return {}
+    source = manifest.get("source", {})
+    return {k: source[k] for k in ("repo", "commit", "folder") if k in source}
+
+
+def cmd_generate(argv: list[str], outputs: Outputs) -> int:
+    args = generate_parser().parse_args(argv)
+    prompts = read_prompts(args)
+    check_numbers(args)
+    job = check_output(args, prompts)
+    player = find_player(job.ext) if args.play else None
+    if args.play and player is None:
+        print(f"{PROG}: warning: {NO_PLAYER}; the file will only be saved", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    import musicgen  # noqa: F401  (OpenBLAS before mlx)
+
+    config = peek_local_config(args.model)
+    if config is not None:
+        steps_to_run(args, step_limits(config))  # refuse bad lengths before loading
+    model = load_model(args)
+    steps = steps_to_run(args, step_limits(model.config))
+    load_s = time.perf_counter() - t0
+
+    import mlx.core as mx
+    from tqdm import tqdm
+
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    gc = model.generation_config
+    params = {
+        "max_steps": steps,
+        "duration": args.duration,
+        "top_k": gc["top_k"] if args.top_k is None else args.top_k,
+        "top_p": gc["top_p"] if args.top_p is None else args.top_p,
+        "temperature": gc["temperature"] if args.temperature is None else args.temperature,
+        "guidance": gc["guidance_coef"] if args.guidance is None else args.guidance,
+        "seed": seed,
+    }
+    t1 = time.perf_counter()
+    with tqdm(
+        total=steps,
+        desc="Generating",
+        unit="step",
+        disable=args.quiet,
+        leave=False,
+        dynamic_ncols=True,
+    ) as bar:
+        tokens = model.generate_tokens(
+            prompts,
+            steps,
+            top_k=params["top_k"],
+            top_p=params["top_p"],
+            temperature=params["temperature"],
+            guidance_coef=params["guidance"],
+            seed=seed,
+            progress=False,
+            callback=lambda step, total: bar.update(1),
+        )
+        mx.eval(tokens)
+    t2 = time.perf_counter()
+    audio = model.decode_tokens(tokens)
+    mx.eval(audio)
+    t3 = time.perf_counter()
+
+    rate = model.sampling_rate
+    if args.sample_rate and args.sample_rate != rate:
+        from musicgen.audio import resample
+
+        clips = [resample(audio[i], rate, args.sample_rate) for i in range(len(prompts))]
+        rate = args.sample_rate
+    else:
+        clips = [audio[i] for i in range(len(prompts))]
+    frames = int(tokens.shape[-1])
+    seconds = frames / model.frame_rate
+    samples = int(clips[0].shape[0])
+    gen_s = t3 - t1
+    rtf = seconds * len(prompts) / gen_s if gen_s > 0 else float("inf")
+    common = {
+        "model": args.model,
+        "revision": args.revision,
+        "source": model_source(model),
+        "dtype": dtype_name(args.dtype),
+        "quantize": args.quantize,
+        **params,
+        "batch_size": len(prompts),
+        "frames": frames,
+        "duration_s": samples / rate,
+        "sample_rate": rate,
+        "model_sample_rate": model.sampling_rate,
+        "channels": int(clips[0].shape[-1]),
+        "samples": samples,
+        "timings_s": {
+            "load": round(load_s, 3),
+            "generate": round(t2 - t1, 3),
+            "decode": round(t3 - t2, 3),
+            "real_time_factor": round(rtf, 3),
+        },
+        "package": "musicgen-mlx",
+        "version": version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": [PROG, *argv],
+    }
+    paths = []
+    for i, (prompt, clip) in enumerate(zip(prompts, clips, strict=True)):
+        metadata = None if args.no_metadata else {"prompt": prompt, "batch_index": i, **common}
+        paths.append(write_file(outputs, job, i, clip, rate, metadata))
+    outputs.keep = True  # complete: an interrupt from now on (e.g. while playing) keeps the files
+
+    if not args.quiet:
+        what = str(paths[0]) if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"
+        print(
+            f"Saved {what}: {samples / rate:.2f} s at {rate} Hz in {gen_s:.2f} s "
+            f"({rtf:.2f}x real time)"
+        )
+    if player:
+        for path in paths:
+            subprocess.run([*player, str(path)], check=False)
+    return 0
+
+
+def cmd_convert(argv: list[str]) -> int:
+    args = convert_parser().parse_args(argv)
+    import musicgen  # noqa: F401  (OpenBLAS before mlx)
+    from musicgen.weights import cache_entries
+
+    peek_local_config(args.model)
+    before = {e["path"] for e in cache_entries() if e.get("ok")}
+    model = load_model(args)
+    entry = Path(model.config["_converted_path"])
+    what = dtype_name(args.dtype) + (f", {args.quantize}-bit" if args.quantize else "")
+    size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
+    state = "already converted" if str(entry) in before else "converted"
+    log(args, f"{args.model} ({what}) {state}: {human_size(size)}")
+    print(entry)
+    return 0
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def cmd_cache(argv: list[str]) -> int:
+    args = cache_parser().parse_args(argv)
+    from musicgen.weights import cache_entries, cache_root, clear_cache
+
+    root = cache_root()
+    if args.action == "clear":
+        n = clear_cache(model=args.model)
+        which = f" of {args.model}" if args.model else ""
+        print(f"Removed {n} entr{'y' if n == 1 else 'ies'}{which} from {root}")
+        return 0
+    entries = cache_entries(verify=args.verify)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    total = sum(e["size"] for e in entries)
+    print(f"{root}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {human_size(total)}")
+    for e in entries:
+        if e.get("ok"):
+            created = datetime.fromtimestamp(e.get("created", 0)).strftime("%Y-%m-%d %H:%M")
+            what = e.get("dtype", "?") + (f" q{e['quantize']}" if e.get("quantize") else "")
+            rev = f"@{e['revision']}" if e.get("revision") else ""
+            print(
+                f"  {e.get('model', '?')}{rev}  {what}  {human_size(e['size'])}  {created}  "
+                f"{Path(e['path']).name}"
+            )
+        else:
+            print(f"  {Path(e['path']).name}  BROKEN ({e['error']}); rebuilt on next use")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns (and exits with) the status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    outputs = Outputs()
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        if argv[:1] == ["convert"]:
+            code = cmd_convert(argv[1:])
+        elif argv[:1] == ["cache"]:
+            code = cmd_cache(argv[1:])
+        else:
+            code = cmd_generate(argv, outputs)
+    except (KeyboardInterrupt, Terminated) as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not break the cleanup
+        outputs.cleanup()
+        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+        code = EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+    except CliError as e:
+        outputs.cleanup()
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        code = e.code
+    except Exception as e:
+        outputs.cleanup()
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(
+            f"{PROG}: error: {type(e).__name__}: {e} (set {DEBUG_ENV}=1 for the traceback)",
+            file=sys.stderr,
+            flush=True,
+        )
+        code = EXIT_ERROR
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

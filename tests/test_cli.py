@@ -1,0 +1,419 @@
+"""musicgen-cli end to end, run as a user would (a subprocess in a temp folder) on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "tests" / "fixtures" / "tiny-musicgen"
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One conversion cache for the module: the tiny checkpoint is converted once, not per test."""
+    return tmp_path_factory.mktemp("cli-cache")
+
+
+@pytest.fixture
+def cli(tmp_path, shared_cache):
+    """run(*args, cwd=None, env=None) -> CompletedProcess of `python -m apps.musicgen_cli args` in tmp_path."""
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def env_for(extra: dict | None) -> dict:
+        env = dict(os.environ)
+        env.update(
+            MUSICGEN_MLX_CACHE=str(shared_cache),
+            HF_HUB_OFFLINE="1",  # tests never reach the network
+            PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+        )
+        env.update(extra or {})
+        return env
+
+    def run(*args, cwd: Path | None = None, env: dict | None = None, timeout: float = 120):
+        return subprocess.run(
+            [sys.executable, "-m", "apps.musicgen_cli", *map(str, args)],
+            cwd=cwd or work,
+            env=env_for(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    run.work = work
+    run.env_for = env_for
+    return run
+
+
+def files(folder: Path) -> list[str]:
+    """Every entry of a folder, hidden ones included (temp files start with a dot)."""
+    return sorted(p.name for p in folder.iterdir())
+
+
+def assert_ok(result) -> None:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------ generation
+
+
+def test_wav_format_length_and_metadata(cli):
+    r = cli(
+        "--prompt",
+        "happy rock",
+        "--model",
+        TINY,
+        "--max-steps",
+        40,
+        "--seed",
+        7,
+        "--output",
+        "happy_rock.wav",
+    )
+    assert_ok(r)
+    assert files(cli.work) == ["happy_rock.wav", "happy_rock.wav.json"]
+    info = sf.info(cli.work / "happy_rock.wav")
+    assert (info.format, info.subtype, info.samplerate, info.channels) == (
+        "WAV",
+        "PCM_16",
+        32000,
+        1,
+    )
+    assert info.frames == 23_680  # 40 steps -> 37 frames -> 37 * 640 samples
+    # the final line: file, duration and real-time factor
+    assert re.fullmatch(
+        r"Saved happy_rock\.wav: 0\.74 s at 32000 Hz in [\d.]+ s \([\d.]+x real time\)\n", r.stdout
+    )
+    meta = json.loads((cli.work / "happy_rock.wav.json").read_text())
+    assert meta["prompt"] == "happy rock" and meta["file"] == "happy_rock.wav"
+    assert meta["model"] == str(TINY) and meta["source"] == {"folder": str(TINY)}
+    assert (meta["max_steps"], meta["frames"], meta["samples"], meta["duration_s"]) == (
+        40,
+        37,
+        23_680,
+        0.74,
+    )
+    assert (meta["top_k"], meta["top_p"], meta["temperature"], meta["guidance"]) == (
+        250,
+        0.0,
+        1.0,
+        3.0,
+    )
+    assert meta["seed"] == 7 and meta["dtype"] == "float32" and meta["quantize"] is None
+    assert meta["sample_rate"] == 32000 and meta["channels"] == 1
+    assert set(meta["timings_s"]) == {"load", "generate", "decode", "real_time_factor"}
+    assert meta["package"] == "musicgen-mlx" and meta["version"]
+
+
+def test_seed_reproducible(cli):
+    args = ["--prompt", "lo-fi beat", "--model", TINY, "--max-steps", 30, "-q"]
+    for name, seed in (("a.wav", 3), ("b.wav", 3), ("c.wav", 4)):
+        assert_ok(cli(*args, "--seed", seed, "--output", name, "--no-metadata"))
+    a, b, c = ((cli.work / n).read_bytes() for n in ("a.wav", "b.wav", "c.wav"))
+    assert a == b
+    assert a != c
+    assert files(cli.work) == ["a.wav", "b.wav", "c.wav"]  # --no-metadata: no sidecars
+
+
+def test_random_seed_is_recorded_and_replays(cli):
+    args = ["--prompt", "jazz", "--model", TINY, "--max-steps", 20, "-q"]
+    assert_ok(cli(*args, "--output", "first.wav"))
+    seed = json.loads((cli.work / "first.wav.json").read_text())["seed"]
+    assert_ok(cli(*args, "--output", "again.wav", "--seed", seed))
+    assert (cli.work / "first.wav").read_bytes() == (cli.work / "again.wav").read_bytes()
+
+
+def test_numbering_never_overwrites(cli):
+    out = cli.work / "out"
+    out.mkdir()
+    (out / "take_007.wav").write_bytes(b"keep me")
+    (out / "take_x.wav").write_bytes(b"not numbered")
+    common = ["--model", TINY, "--max-steps", 10, "-q", "--output-dir", out, "--prefix", "take"]
+    assert_ok(cli("--prompt", "one", "--prompt", "two", *common))  # one batch of two
+    assert_ok(cli("--prompt", "three", *common))
+    assert files(out) == [
+        "take_007.wav", "take_008.wav", "take_008.wav.json", "take_009.wav", "take_009.wav.json",
+        "take_010.wav", "take_010.wav.json", "take_x.wav",
+    ]  # fmt: skip
+    assert (out / "take_007.wav").read_bytes() == b"keep me"
+    prompts = [
+        json.loads((out / f"take_{n:03d}.wav.json").read_text())["prompt"] for n in (8, 9, 10)
+    ]
+    assert prompts == ["one", "two", "three"]
+
+    # several prompts with --output x.wav -> x_001.wav, x_002.wav
+    assert_ok(
+        cli(
+            "--prompt",
+            "a",
+            "--prompt",
+            "b",
+            "--model",
+            TINY,
+            "--max-steps",
+            10,
+            "-q",
+            "--output",
+            "x.wav",
+            "--no-metadata",
+        )
+    )
+    # no output given: named from the prompt, in the current folder, never overwriting
+    for _ in range(2):
+        assert_ok(
+            cli(
+                "--prompt", "Happy Rock!", "--model", TINY, "--max-steps", 10, "-q", "--no-metadata"
+            )
+        )
+    assert files(cli.work) == [
+        "happy_rock.wav",
+        "happy_rock_001.wav",
+        "out",
+        "x_001.wav",
+        "x_002.wav",
+    ]
+
+
+def test_prompts_file_flac_resampled_duration(cli):
+    (cli.work / "prompts.txt").write_text("# my prompts\n\nambient pads\n  \n# skip\nfast drums\n")
+    out = cli.work / "out"
+    out.mkdir()
+    r = cli(
+        "--prompts-file",
+        "prompts.txt",
+        "--model",
+        TINY,
+        "--duration",
+        0.5,
+        "--format",
+        "flac",
+        "--sample-rate",
+        16000,
+        "--output-dir",
+        out,
+        "--seed",
+        1,
+    )
+    assert_ok(r)
+    assert files(out) == [
+        "ambient_pads.flac", "ambient_pads.flac.json", "fast_drums.flac", "fast_drums.flac.json",
+    ]  # fmt: skip
+    for name in ("ambient_pads.flac", "fast_drums.flac"):
+        info = sf.info(out / name)
+        assert (info.format, info.samplerate, info.channels) == ("FLAC", 16000, 1)
+        assert (
+            info.frames == 8000
+        )  # 0.5 s: 25 frames -> 16,000 samples at 32 kHz -> 8,000 at 16 kHz
+    meta = json.loads((out / "fast_drums.flac.json").read_text())
+    assert (meta["prompt"], meta["batch_index"], meta["batch_size"]) == ("fast drums", 1, 2)
+    assert (meta["max_steps"], meta["frames"], meta["sample_rate"]) == (28, 25, 16000)
+    assert r.stdout.startswith("Saved 2 files")
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="Linux player lookup")
+def test_play(cli, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "played.txt"
+    player = bin_dir / "paplay"
+    player.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    player.chmod(0o755)
+    args = ["--prompt", "x", "--model", TINY, "--max-steps", 10, "-q", "--play", "--no-metadata"]
+    assert_ok(cli(*args, "--output", "p.wav", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"}))
+    assert log.read_text().split() == ["p.wav"]
+    # no player anywhere: a clear message, and the file is still written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli(*args, "--output", "q.wav", env={"PATH": str(empty)})
+    assert_ok(r)
+    assert "no audio player found" in r.stderr and (cli.work / "q.wav").exists()
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def broken_checkpoint(tmp_path: Path, how: str) -> Path:
+    folder = tmp_path / f"ckpt-{how}"
+    shutil.copytree(TINY, folder)
+    if how == "model-type":
+        config = json.loads((folder / "config.json").read_text())
+        config["model_type"] = "musicgen_melody"
+        (folder / "config.json").write_text(json.dumps(config))
+    else:  # a truncated weights file
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+BAD = {
+    "no prompt": ([], "--prompt"),
+    "empty prompt": (["--prompt", ""], "empty"),
+    "blank prompt": (["--prompt", "   "], "empty"),
+    "empty prompts file": (["--prompts-file", "blank.txt"], "no prompts"),
+    "missing prompts file": (["--prompt", "x", "--prompts-file", "nope.txt"], "nope.txt"),
+    "steps below minimum": (["--prompt", "x", "--max-steps", "3"], "at least 4"),
+    "steps above maximum": (["--prompt", "x", "--max-steps", "2049"], "at most 2048"),
+    "steps not a number": (["--prompt", "x", "--max-steps", "ten"], "invalid int"),
+    "steps and duration": (["--prompt", "x", "--max-steps", "9", "--duration", "1"], "not both"),
+    "zero duration": (["--prompt", "x", "--duration", "0"], "positive"),
+    "negative duration": (["--prompt", "x", "--duration", "-2"], "positive"),
+    "duration beyond window": (["--prompt", "x", "--duration", "120"], "window"),
+    "top-k zero": (["--prompt", "x", "--top-k", "0"], "--top-k"),
+    "top-p above one": (["--prompt", "x", "--top-p", "1.5"], "--top-p"),
+    "top-p negative": (["--prompt", "x", "--top-p", "-0.1"], "--top-p"),
+    "temperature zero": (["--prompt", "x", "--temperature", "0"], "--temperature"),
+    "negative guidance": (["--prompt", "x", "--guidance", "-1"], "--guidance"),
+    "unknown extension": (["--prompt", "x", "--output", "x.mp3"], ".mp3"),
+    "no extension": (["--prompt", "x", "--output", "song"], "unknown output format"),
+    "missing output folder": (["--prompt", "x", "--output", "nowhere/x.wav"], "does not exist"),
+    "missing output dir": (["--prompt", "x", "--output-dir", "nowhere"], "does not exist"),
+    "output and output-dir": (
+        ["--prompt", "x", "--output", "a.wav", "--output-dir", "."],
+        "not both",
+    ),
+    "bad dtype": (["--prompt", "x", "--dtype", "int8"], "--dtype"),
+    "bad quantize": (["--prompt", "x", "--quantize", "3"], "--quantize"),
+    "unknown flag": (["--prompt", "x", "--loud"], "--loud"),
+}
+USAGE = 2
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input(cli, case):
+    args, expect = BAD[case]
+    (cli.work / "blank.txt").write_text("# only a comment\n\n")
+    before = files(cli.work)
+    r = cli(*args, "--model", TINY)
+    assert r.returncode == USAGE, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("musicgen-cli: error: "), r.stderr
+    assert expect in r.stderr
+    assert r.stdout == "" and files(cli.work) == before
+
+
+@pytest.mark.parametrize(
+    "case", ["missing folder", "offline not cached", "model type", "corrupt weights", "a file"]
+)
+def test_bad_model(cli, tmp_path, case):
+    model, expect = {
+        "missing folder": ("./no-such-model", "no such model folder"),
+        "offline not cached": ("facebook/musicgen-small", "--model PATH"),
+        "model type": (broken_checkpoint(tmp_path, "model-type"), "musicgen_melody"),
+        "corrupt weights": (broken_checkpoint(tmp_path, "truncated"), "corrupt or truncated"),
+        "a file": (TINY / "config.json", "is a file"),
+    }[case]
+    cache = tmp_path / "own-cache"  # a failed conversion must leave no entry behind
+    r = cli("--prompt", "x", "--model", model, env={"MUSICGEN_MLX_CACHE": str(cache)})
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]  # (a conversion bar may come first)
+    assert last.startswith("musicgen-cli: error: ") and expect in last, r.stderr
+    assert "Traceback" not in r.stderr
+    assert files(cli.work) == []
+    assert not cache.exists() or files(cache) == []
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
+def test_output_folder_not_writable(cli):
+    locked = cli.work / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        r = cli("--prompt", "x", "--model", TINY, "--output-dir", locked)
+        assert r.returncode == USAGE and "not writable" in r.stderr
+    finally:
+        locked.chmod(0o700)
+
+
+def test_version_and_help(cli):
+    r = cli("--version")
+    assert_ok(r)
+    assert r.stdout.startswith("musicgen-cli ")
+    r = cli("--help")
+    assert_ok(r)
+    for flag in (
+        "--prompt",
+        "--prompts-file",
+        "--output-dir",
+        "--duration",
+        "--play",
+        "--quantize",
+    ):
+        assert flag in r.stdout
+
+
+# ------------------------------------------------------------------------------------ Ctrl+C
+
+
+def test_sigint_during_generation_leaves_nothing(cli):
+    """A real SIGINT while the decoder runs: exit 130, one short line, no files, no traceback."""
+    prompts = [a for i in range(4) for a in ("--prompt", f"prompt {i}")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apps.musicgen_cli", *prompts, "--model", str(TINY),
+         "--max-steps", "2048", "--output", "long.wav"],
+        cwd=cli.work,
+        env=cli.env_for(None),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # a background job's SIGINT may be ignored by the shell that started pytest
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    seen = b""
+    deadline = time.monotonic() + 60
+    # Wait for at least 10 decoder steps: the run is well inside the loop (and past MLX's one-off
+    # `system("g++ --version")` check, during which glibc ignores SIGINT).
+    while time.monotonic() < deadline:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+        steps = [int(n) for n in re.findall(rb"(\d+)/2048 \[", seen)]
+        if steps and max(steps) >= 10:
+            break
+    assert proc.poll() is None, seen.decode(errors="replace")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].strip() == "musicgen-cli: interrupted"
+    assert "Traceback" not in err and out == b""
+    assert files(cli.work) == []
+
+
+# ------------------------------------------------------------------------------------ convert, cache
+
+
+def test_convert_and_cache(cli, tmp_path):
+    env = {"MUSICGEN_MLX_CACHE": str(tmp_path / "cache")}
+    r = cli("convert", "--model", TINY, "--dtype", "float16", env=env)
+    assert_ok(r)
+    entry = Path(r.stdout.strip())
+    assert entry.parent == tmp_path / "cache" and (entry / "manifest.json").exists()
+    assert "float16) converted" in r.stderr
+    r = cli("convert", "--model", TINY, "--dtype", "float16", env=env)
+    assert_ok(r)
+    assert Path(r.stdout.strip()) == entry and "already converted" in r.stderr
+
+    r = cli("cache", "list", env=env)
+    assert_ok(r)
+    assert "1 entry" in r.stdout and str(TINY) in r.stdout and "float16" in r.stdout
+    r = cli("cache", "list", "--json", env=env)
+    assert [e["dtype"] for e in json.loads(r.stdout)] == ["float16"]
+    r = cli("cache", "clear", env=env)
+    assert_ok(r)
+    assert r.stdout.startswith("Removed 1 entry")
+    assert "0 entries" in cli("cache", "list", env=env).stdout
+
+    r = cli("cache", "purge", env=env)
+    assert r.returncode == USAGE and "invalid choice" in r.stderr
+    r = cli("convert", "--model", "./missing", env=env)
+    assert r.returncode == 1 and r.stderr.startswith("musicgen-cli: error: no such model folder")
