@@ -426,7 +426,8 @@ class Outputs:
 
     def place(self, tmp: Path, dest: Path, overwrite: bool) -> None:
         """Rename a finished temp file into place; without `overwrite`, FileExistsError if dest exists."""
-        os.chmod(tmp, 0o666 & ~UMASK)  # temp files are private (0600); the result gets the usual mode
+        # temp files are private (0600); the result gets the usual mode
+        os.chmod(tmp, 0o666 & ~UMASK)
         if overwrite:
             os.replace(tmp, dest)
         else:
