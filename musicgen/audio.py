@@ -30,6 +30,12 @@ def _to_numpy(audio) -> np.ndarray:
     return a
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_audio(path: str | Path, audio, sampling_rate: int, *, subtype: str | None = None) -> Path:
     """Write audio (samples, channels) to .wav/.flac/.ogg atomically (temp file in the same folder + rename).
 
@@ -46,6 +52,7 @@ def save_audio(path: str | Path, audio, sampling_rate: int, *, subtype: str | No
     try:
         with os.fdopen(fd, "wb") as f:
             sf.write(f, data, int(sampling_rate), format=fmt, subtype=subtype or default_subtype)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp files are private; the result gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

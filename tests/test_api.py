@@ -80,6 +80,9 @@ def test_save_audio_round_trip(tmp_path, ext):
     audio = mx.array((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[:, None])
     path = save_audio(tmp_path / f"out.{ext}", audio, 32000)
     assert path.exists() and [p.name for p in tmp_path.iterdir()] == [f"out.{ext}"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not the temp file's private 0600
     info = sf.info(str(path))
     assert (info.samplerate, info.channels) == (32000, 1)
     back, rate = load_audio(path)
