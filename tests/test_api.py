@@ -1,6 +1,7 @@
 """The public API end to end on the tiny checkpoint: tokens and audio equal transformers'; audio files."""
 
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
