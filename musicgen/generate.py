@@ -96,19 +96,29 @@ def generate_tokens(
     seed: int | None = None,
     progress: bool | None = None,
     callback: Callable[[int, int], None] | None = None,
+    prompt: mx.array | None = None,
 ) -> mx.array:
     """Generate int32 codes (batch, codebooks, max_steps - max delay) conditioned on text encoder states.
 
     Classifier-free guidance when guidance_coef > 1, as transformers: the batch is doubled (conditional
     rows, then unconditional rows with zero states and an all-zero mask) and logits = uncond + g * (cond -
     uncond). Each step does one `mx.async_eval`; the host only waits for the previous step's tokens.
+
+    `prompt` (batch, codebooks, P) audio codes to continue, as transformers' `input_values`: bos + the
+    delayed prompt go through the decoder in one prefill, its tail (the last q frames of codebook q) is
+    kept, and `max_steps` new steps follow; the result (batch, codebooks, P + max_steps - max delay)
+    starts with the prompt.
     """
     config = decoder.config
     delays = config.delays
-    if max_steps > config.max_position_embeddings:
-        raise ValueError(f"max_steps {max_steps} > the model's {config.max_position_embeddings}")
+    start = 0 if prompt is None else prompt.shape[-1]
     if max_steps <= max(delays):
         raise ValueError(f"max_steps must be > {max(delays)} (the largest codebook delay)")
+    max_steps += start  # from here on: steps of the whole delayed sequence, prompt included
+    if max_steps > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt + max_steps = {max_steps} > the model's {config.max_position_embeddings}"
+        )
     batch = encoder_states.shape[0]
     k = config.num_codebooks
     pad = config.pad_token_id
@@ -124,22 +134,33 @@ def generate_tokens(
     cross = decoder.cross_states(encoder_states, encoder_mask)
     cache = decoder.make_cache(rows, max_steps)
     valid = delay_valid_mask(max_steps, delays)
+    fill = mx.full((max_steps, batch, k), pad, dtype=mx.int32)  # value of each token not generated
+    if prompt is not None:
+        known = build_delay_pattern(prompt.astype(mx.int32), delays, pad).transpose(2, 0, 1)
+        fill[: known.shape[0]] = known
+        valid = valid & (mx.arange(max_steps)[:, None] >= mx.array(delays)[None, :] + start)
     greedy = top_k == 1 or temperature <= 0
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     keys = None if greedy else mx.random.split(mx.random.key(seed), max_steps)
     offsets = mx.arange(max_steps, dtype=mx.int32).reshape(max_steps, 1)
-    pad_tokens = mx.full((batch, k), pad, dtype=mx.int32)
-    mx.eval(cross.kv, [(c.keys, c.values) for c in cache], valid, offsets)
+    mx.eval(cross.kv, [(c.keys, c.values) for c in cache], valid, fill, offsets)
     if keys is not None:
         mx.eval(keys)
 
     tokens = mx.full((rows, k, 1), config.bos_token_id, dtype=mx.int32)
     outputs = []
-    show = max_steps >= 100 if progress is None else progress
-    bar = tqdm(total=max_steps, unit="step", disable=not show, leave=False)
+    if start:  # prefill: bos and the delayed prompt up to position start - 1, in one forward
+        outputs = [fill[s] for s in range(start)]
+        known = fill[: start - 1].transpose(1, 2, 0)
+        known = mx.concatenate([known, known], axis=0) if cfg else known
+        decoder(mx.concatenate([tokens, known], axis=-1), cross, cache, 0)
+        tokens = (mx.concatenate([outputs[-1]] * 2, axis=0) if cfg else outputs[-1])[..., None]
+        mx.eval(tokens, [(c.keys, c.values) for c in cache])
+    show = max_steps - start >= 100 if progress is None else progress
+    bar = tqdm(total=max_steps - start, unit="step", disable=not show, leave=False)
     try:
-        for step in range(max_steps):
+        for step in range(start, max_steps):
             logits = decoder(tokens, cross, cache, offsets[step])[:, :, -1].astype(mx.float32)
             if cfg:
                 cond, uncond = logits[:batch], logits[batch:]
@@ -152,7 +173,7 @@ def generate_tokens(
                 top_p=top_p,
                 temperature=temperature,
             )
-            nxt = mx.where(valid[step], nxt.reshape(batch, k), pad_tokens)
+            nxt = mx.where(valid[step], nxt.reshape(batch, k), fill[step])
             tokens = (mx.concatenate([nxt, nxt], axis=0) if cfg else nxt)[..., None]
             mx.async_eval(tokens)
             if outputs:
@@ -160,7 +181,7 @@ def generate_tokens(
             outputs.append(nxt)
             bar.update(1)
             if callback is not None:
-                callback(step + 1, max_steps)
+                callback(step + 1 - start, max_steps - start)
     finally:
         bar.close()
     return undo_delay_pattern(mx.stack(outputs, axis=-1), delays)
