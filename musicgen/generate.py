@@ -185,3 +185,80 @@ def generate_tokens(
     finally:
         bar.close()
     return undo_delay_pattern(mx.stack(outputs, axis=-1), delays)
+
+
+def sliding_windows(
+    total: int, prompt: int, window: int, stride: int
+) -> list[tuple[int, int, int]]:
+    """audiocraft's extension plan for `total` frames: (offset, context, length) of each window.
+
+    Window i covers frames offset..offset + length (length <= window) and continues its first `context`
+    frames (the audio prompt, then the last window - stride frames of the previous window).
+    """
+    if not 0 < stride < window:
+        raise ValueError(f"the stride ({stride} frames) must be in (0, window = {window} frames)")
+    if prompt >= window:
+        raise ValueError(f"the audio prompt ({prompt} frames) must be shorter than the window")
+    plan, offset, context = [], 0, prompt
+    while offset + context < total:
+        length = min(total - offset, window)
+        plan.append((offset, context, length))
+        offset, context = offset + stride, length - stride
+    return plan
+
+
+def generate_long(
+    decoder: MusicgenDecoder,
+    encoder_states: mx.array,
+    encoder_mask: mx.array | None,
+    frames: int,
+    *,
+    window: int,
+    stride: int,
+    prompt: mx.array | None = None,
+    seed: int | None = None,
+    progress: bool | None = None,
+    callback: Callable[[int, int], None] | None = None,
+    **sampling,
+) -> mx.array:
+    """`frames` new frames beyond `window` with audiocraft's sliding window -> (batch, codebooks, P + frames).
+
+    The first window generates `window` frames (after the audio prompt of P frames, if any); each next one
+    starts `stride` frames later and continues the last window - stride frames generated so far with the
+    same conditioning. Memory is bounded by the window; one progress bar and one callback stream
+    (steps done, total steps) cover every window. Window i is seeded with seed + i * 0x9E3779B9.
+    """
+    delay = max(decoder.config.delays)
+    start = 0 if prompt is None else prompt.shape[-1]
+    plan = sliding_windows(start + frames, start, window, stride)
+    total = sum(length - context + delay for _, context, length in plan)
+    chunks = [] if prompt is None else [prompt]
+    done = 0
+    show = total >= 100 if progress is None else progress
+    bar = tqdm(total=total, unit="step", disable=not show, leave=False)
+
+    def step(n: int, _: int) -> None:
+        bar.update(1)
+        if callback is not None:
+            callback(done + n, total)
+
+    try:
+        for i, (_, context, length) in enumerate(plan):
+            out = generate_tokens(
+                decoder,
+                encoder_states,
+                encoder_mask,
+                length - context + delay,
+                prompt=prompt,
+                seed=None if seed is None else (seed + i * 0x9E3779B9) % 2**32,
+                progress=False,
+                callback=step,
+                **sampling,
+            )
+            chunks.append(out[..., context:])
+            prompt = out[..., stride:]
+            mx.eval(chunks[-1], prompt)
+            done += length - context + delay
+    finally:
+        bar.close()
+    return mx.concatenate(chunks, axis=-1)
