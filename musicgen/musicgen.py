@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from encodec.encodec import EncodecConfig, EncodecModel
-from musicgen.generate import generate_tokens, steps_for_duration
+from musicgen.generate import generate_long, generate_tokens, steps_for_duration
 from musicgen.model import (
     MusicgenDecoder,
     MusicgenDecoderConfig,
@@ -144,17 +144,56 @@ class MusicGen:
         """Decoder steps for `duration` seconds of audio."""
         return steps_for_duration(duration, self.frame_rate, self.decoder.config.delays)
 
-    def encode_text(self, prompts: list[str]) -> tuple[mx.array, mx.array]:
-        """T5 states (batch, len, d_model) and the attention mask of a batch of prompts."""
-        ids, mask = self.tokenizer.encode(prompts)
+    @property
+    def max_duration(self) -> float:
+        """The model's window in seconds (generation_config max_length / frame rate: 30 s for MusicGen)."""
+        return self.generation_config.get("max_length", 1500) / self.frame_rate
+
+    def encode_text(self, prompts: list[str | None]) -> tuple[mx.array, mx.array]:
+        """T5 states (batch, len, d_model) and the attention mask of a batch of prompts.
+
+        Empty prompts ("" or None) are unconditional rows: an all-zero mask (so zero cross-attention),
+        like transformers' get_unconditional_inputs.
+        """
+        empty = [not p for p in prompts]
+        if all(empty):
+            width = self.text_encoder.config.d_model
+            return mx.zeros((len(prompts), 1, width)), mx.zeros((len(prompts), 1), mx.int32)
+        ids, mask = self.tokenizer.encode([p or "" for p in prompts])
+        if any(empty):
+            mask = mask * mx.array([[0] if e else [1] for e in empty], dtype=mask.dtype)
         return self.text_encoder(ids, mask), mask
+
+    def encode_audio(self, audio) -> mx.array:
+        """Audio at `sampling_rate` -> int32 codes (batch, num_codebooks, ceil(samples / hop)).
+
+        `audio` is (samples,), (samples, channels) or (batch, samples, channels). A mono model mixes the
+        channels down; a stereo model duplicates a mono input (more than 2 channels: mixed down first),
+        encodes left and right separately and interleaves their codebooks L0 R0 L1 R1 ... (transformers).
+        """
+        a = mx.array(audio).astype(mx.float32)
+        a = a.reshape(1, -1, 1) if a.ndim == 1 else a[None] if a.ndim == 2 else a
+        if a.ndim != 3 or a.shape[1] == 0:
+            raise ValueError(f"expected (samples, channels) audio, got shape {tuple(a.shape)}")
+        if self.audio_channels == 1 or a.shape[-1] > 2:
+            a = a.mean(axis=-1, keepdims=True) if a.shape[-1] > 1 else a
+        if self.audio_channels == 1:
+            return self.audio_encoder.encode(a)
+        left = self.audio_encoder.encode(a[..., :1])
+        right = self.audio_encoder.encode(a[..., -1:])
+        b, k, frames = left.shape
+        return mx.stack([left, right], axis=2).reshape(b, 2 * k, frames)
 
     def generate_tokens(
         self,
-        prompts: str | list[str],
+        prompts: str | list[str | None] | None = None,
         max_steps: int | None = None,
         *,
         duration: float | None = None,
+        audio_prompt=None,
+        include_prompt: bool = True,
+        extend_stride: float = 18.0,
+        window_duration: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         temperature: float | None = None,
@@ -163,31 +202,77 @@ class MusicGen:
         progress: bool | None = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> mx.array:
-        """Audio codes int32 (batch, num_codebooks, frames); frames = max_steps - max codebook delay."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        gc = self.generation_config
-        if max_steps is None:
-            if duration is not None:
-                max_steps = self.steps_for(duration)
+        """Audio codes int32 (batch, num_codebooks, frames).
+
+        Length: `max_steps` new decoder steps in one pass (frames = max_steps - max codebook delay), or
+        `duration` seconds of new audio: beyond the model's window (`window_duration`, default
+        max_duration = 30 s) audiocraft's sliding window continues the last window - `extend_stride`
+        seconds with the same text. Neither: generation_config's max_length (the prompt included).
+
+        `prompts` None or "" generates unconditionally (guidance off, as transformers). `audio_prompt`
+        (see encode_audio) is continued; the result starts with its frames unless include_prompt=False.
+        """
+        codes = None if audio_prompt is None else self.encode_audio(audio_prompt)
+        texts = [prompts] if prompts is None or isinstance(prompts, str) else list(prompts)
+        if codes is not None and len(texts) != codes.shape[0]:
+            if len(texts) == 1:
+                texts = texts * codes.shape[0]
+            elif codes.shape[0] == 1:
+                codes = mx.repeat(codes, len(texts), axis=0)
             else:
-                max_steps = gc.get("max_length", 1500) - 1
-        if max_steps > self.max_steps:
-            raise ValueError(f"max_steps {max_steps} exceeds the model's maximum {self.max_steps}")
-        states, mask = self.encode_text(list(prompts))
-        return generate_tokens(
+                raise ValueError(f"{len(texts)} prompts but {codes.shape[0]} audio prompts")
+        start = 0 if codes is None else codes.shape[-1]
+        gc = self.generation_config
+        sampling = {
+            "top_k": gc["top_k"] if top_k is None else top_k,
+            "top_p": gc["top_p"] if top_p is None else top_p,
+            "temperature": gc["temperature"] if temperature is None else temperature,
+            "guidance_coef": gc["guidance_coef"] if guidance_coef is None else guidance_coef,
+        }
+        if all(not t for t in texts):
+            sampling["guidance_coef"] = 1.0  # both CFG halves would be the same unconditional rows
+        states, mask = self.encode_text(texts)
+        delay = max(self.decoder.config.delays)
+        if max_steps is None and duration is not None:
+            frames = round(duration * self.frame_rate)
+            window = int((window_duration or self.max_duration) * self.frame_rate)
+            if start + frames > window:
+                if window + delay > self.max_steps:
+                    raise ValueError(f"a window of {window} frames exceeds {self.max_steps} steps")
+                tokens = generate_long(
+                    self.decoder,
+                    states,
+                    mask,
+                    frames,
+                    window=window,
+                    stride=int(extend_stride * self.frame_rate),
+                    prompt=codes,
+                    seed=seed,
+                    progress=progress,
+                    callback=callback,
+                    **sampling,
+                )
+                return tokens if include_prompt else tokens[..., start:]
+            max_steps = frames + delay
+        elif max_steps is None:
+            max_steps = gc.get("max_length", 1500) - 1 - start
+        if start + max_steps > self.max_steps:
+            raise ValueError(
+                f"prompt + max_steps = {start + max_steps} exceeds the model's maximum "
+                f"{self.max_steps} steps: give `duration` for longer music (sliding window)"
+            )
+        tokens = generate_tokens(
             self.decoder,
             states,
             mask,
             max_steps,
-            top_k=gc["top_k"] if top_k is None else top_k,
-            top_p=gc["top_p"] if top_p is None else top_p,
-            temperature=gc["temperature"] if temperature is None else temperature,
-            guidance_coef=gc["guidance_coef"] if guidance_coef is None else guidance_coef,
+            prompt=codes,
             seed=seed,
             progress=progress,
             callback=callback,
+            **sampling,
         )
+        return tokens if include_prompt else tokens[..., start:]
 
     def decode_tokens(self, tokens: mx.array) -> mx.array:
         """Codes (batch, num_codebooks, frames) -> float32 audio (batch, frames * hop, channels)."""
@@ -199,17 +284,24 @@ class MusicGen:
 
     def generate(
         self,
-        prompts: str | list[str],
+        prompts: str | list[str | None] | None = None,
         max_steps: int | None = None,
         *,
         duration: float | None = None,
+        audio_prompt=None,
         **kwargs,
     ) -> mx.array:
         """Audio for one prompt (samples, channels) or a list of prompts (batch, samples, channels).
 
         Give `max_steps` (decoder steps) or `duration` (seconds); keyword arguments as generate_tokens.
+        One clip (no batch axis) for a str or None prompt unless the audio prompt is a (batch, ...) array.
         """
-        tokens = self.generate_tokens(prompts, max_steps, duration=duration, **kwargs)
+        tokens = self.generate_tokens(
+            prompts, max_steps, duration=duration, audio_prompt=audio_prompt, **kwargs
+        )
         audio = self.decode_tokens(tokens)
         mx.eval(audio)
-        return audio[0] if isinstance(prompts, str) else audio
+        single = prompts is None or isinstance(prompts, str)
+        if audio_prompt is not None and getattr(audio_prompt, "ndim", 1) == 3:
+            single = False
+        return audio[0] if single else audio
