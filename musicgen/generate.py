@@ -143,8 +143,7 @@ def generate_tokens(
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     keys = None if greedy else mx.random.split(mx.random.key(seed), max_steps)
-    offsets = mx.arange(max_steps, dtype=mx.int32).reshape(max_steps, 1)
-    mx.eval(cross.kv, [(c.keys, c.values) for c in cache], valid, fill, offsets)
+    mx.eval(cross.kv, [(c.keys, c.values) for c in cache], valid, fill)
     if keys is not None:
         mx.eval(keys)
 
@@ -161,7 +160,8 @@ def generate_tokens(
     bar = tqdm(total=max_steps - start, unit="step", disable=not show, leave=False)
     try:
         for step in range(start, max_steps):
-            logits = decoder(tokens, cross, cache, offsets[step])[:, :, -1].astype(mx.float32)
+            # an int offset: attention reads the filled part of the cache only
+            logits = decoder(tokens, cross, cache, step)[:, :, -1].astype(mx.float32)
             if cfg:
                 cond, uncond = logits[:batch], logits[batch:]
                 logits = uncond + (cond - uncond) * guidance_coef
