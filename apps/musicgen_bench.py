@@ -181,7 +181,7 @@ def worker_generate(args: dict) -> dict:
         del codes, audio
     rss = max_rss_bytes()
     peak = mx.get_peak_memory()
-    bandwidth = matvec_bandwidth()
+    bandwidth = matvec_bandwidth(args.get("matvec_size", 8192))
     rows = 2  # classifier-free guidance: conditional and unconditional rows
     text_len = ids.shape[1]
     bytes_at = {
@@ -385,6 +385,7 @@ def run(args: argparse.Namespace) -> dict:
         "quantize": args.quantize,
         "prompt": args.prompt,
         "seed": args.seed,
+        "matvec_size": args.matvec_size,
     }
     with tempfile.TemporaryDirectory(prefix="musicgen-bench-cache-") as cache:
         env = {**os.environ, "MUSICGEN_MLX_CACHE": cache}
@@ -450,6 +451,9 @@ def main(argv: list[str] | None = None) -> None:
         "--compare-transformers",
         metavar="PYTHON",
         help="an interpreter with torch + transformers: run their MusicGen too, alternated with ours",
+    )
+    parser.add_argument(
+        "--matvec-size", type=int, default=8192, help="n of the n x n float32 roofline matvec"
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)

@@ -374,9 +374,10 @@ def write_checkpoint(
     fmt: str = "safetensors",
     shard_size: str = "5GB",
     seed: int = 0,
+    config: dict | None = None,
 ) -> list[Path]:
-    """Write the checkpoint folder; returns the weight files written."""
-    config = shape_config(shape)
+    """Write the checkpoint folder of a published shape (or of `config`); returns the weight files."""
+    config = dict(config or shape_config(shape))
     out.mkdir(parents=True, exist_ok=True)
     config["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

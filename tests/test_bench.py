@@ -1,0 +1,140 @@
+"""The random-checkpoint writer and musicgen-bench, on the tiny fixture's shape (structure and values only)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from apps import musicgen_bench
+from apps.random_checkpoint import shape_config, shapes, tensor_specs, write_checkpoint
+from musicgen.weights import load_state_dict
+
+TINY = Path(__file__).parent / "fixtures" / "tiny-musicgen"
+
+
+def safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+@pytest.fixture(scope="module")
+def tiny_config() -> dict:
+    return json.loads((TINY / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_config) -> Path:
+    out = tmp_path_factory.mktemp("random-tiny")
+    write_checkpoint("tiny", out, shard_size="400KB", config=tiny_config)
+    return out
+
+
+def test_published_shapes_ship_with_the_package():
+    assert {"small", "medium", "large", "stereo-small", "stereo-medium", "stereo-large"} <= set(
+        shapes()
+    )
+    small = shape_config("small")
+    assert small["decoder"]["hidden_size"] == 1024 and small["decoder"]["num_hidden_layers"] == 24
+    # parameters of the published musicgen-small (T5 embedding stored once, as save_pretrained does)
+    assert sum(int(np.prod(s[1])) for s in tensor_specs(small)) == 588_990_022
+    with pytest.raises(ValueError, match="unknown shape"):
+        shape_config("huge")
+
+
+def test_names_and_shapes_match_a_transformers_checkpoint(tiny_checkpoint):
+    expected = {
+        k: v["shape"]
+        for k, v in safetensors_header(TINY / "model.safetensors").items()
+        if k != "__metadata__"
+    }
+    index = json.loads((tiny_checkpoint / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    got = {}
+    for shard in shards:
+        header = safetensors_header(tiny_checkpoint / shard)
+        assert all(index["weight_map"][k] == shard for k in header if k != "__metadata__")
+        got.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    assert got == expected
+    assert index["metadata"]["total_size"] == 4 * sum(int(np.prod(s)) for s in got.values())
+    for name in ("config.json", "generation_config.json", "spiece.model"):
+        assert (tiny_checkpoint / name).is_file()
+
+
+def test_values_are_sensible(tiny_checkpoint):
+    w = load_state_dict(tiny_checkpoint)
+    assert all(bool(mx.all(mx.isfinite(v))) for v in w.values())
+    p = "audio_encoder.decoder.layers.0.conv.parametrizations.weight"
+    g, v = w[f"{p}.original0"], w[f"{p}.original1"]
+    ratio = g.reshape(-1) / mx.sqrt((v.reshape(v.shape[0], -1) ** 2).sum(axis=1))
+    assert float(ratio.min()) >= 0.8 and float(ratio.max()) <= 1.2
+    fc1 = w["decoder.model.decoder.layers.0.fc1.weight"]
+    assert abs(float(fc1.square().mean()) * fc1.shape[1] - 1) < 0.2  # N(0, 1/fan_in)
+    ln = w["decoder.model.decoder.layers.0.final_layer_norm.weight"]
+    assert abs(float(ln.mean()) - 1) < 0.1
+    q = "audio_encoder.quantizer.layers.0.codebook"
+    assert mx.array_equal(w[f"{q}.embed"], w[f"{q}.embed_avg"])
+    assert float(w[f"{q}.inited"][0]) == 1.0
+
+
+def test_torch_zip_bin_reads_back(tmp_path, tiny_config, tiny_checkpoint):
+    write_checkpoint("tiny", tmp_path, dtype="float16", fmt="bin", config=tiny_config)
+    assert (tmp_path / "pytorch_model.bin").is_file()
+    with zipfile.ZipFile(tmp_path / "pytorch_model.bin") as zf:
+        assert "pytorch_model/data.pkl" in zf.namelist()
+    fp16, fp32 = load_state_dict(tmp_path), load_state_dict(tiny_checkpoint)
+    assert fp16.keys() == fp32.keys()
+    for k, v in fp16.items():
+        assert v.dtype == mx.float16 and v.shape == fp32[k].shape
+        assert mx.allclose(v.astype(mx.float32), fp32[k], rtol=1e-3, atol=1e-4), k
+
+
+def test_step_stats_windows():
+    ends = [0.1 * i for i in range(1, 202)]  # 200 steps of 100 ms
+    stats = musicgen_bench.step_stats(ends)
+    assert stats["median_ms"] == pytest.approx(100) and stats["at_100_ms"] == pytest.approx(100)
+    assert stats["at_750_ms"] is None and stats["at_1450_ms"] is None
+
+
+def test_bench_end_to_end_on_tiny_shape(tiny_checkpoint, capsys):
+    steps, short = 12, 6
+    musicgen_bench.main(
+        [
+            "--model",
+            str(tiny_checkpoint),
+            "--steps",
+            str(steps),
+            "--short-steps",
+            str(short),
+            "--matvec-size",
+            "256",
+            "--json",
+        ]
+    )
+    report = json.loads(capsys.readouterr().out)
+    ours = report["ours"]
+    assert report["steps"] == [steps, short] and "transformers" not in report
+    assert ours["backend"] in ("CPU", "Metal", "CUDA") and ours["dtype"] == "float32"
+    assert [r["steps"] for r in ours["runs"]] == [steps, short]
+    assert [r["samples"] for r in ours["runs"]] == [(steps - 3) * 640, (short - 3) * 640]
+    for run in ours["runs"]:
+        assert run["audio_s"] == pytest.approx(run["samples"] / 32000)
+        assert run["rtf"] == pytest.approx(run["wall_s"] / run["audio_s"])
+        assert 0 < run["decode_s"] < run["wall_s"] and run["median_ms"] > 0
+    assert ours["max_rss_bytes"] > ours["mlx_peak_bytes"] > 0
+    assert report["load"]["cold_load_s"] > 0 and ours["load_s"] > 0
+    roof = report["roofline"]
+    assert set(roof["matvec_GBps"]) == {"W @ x", "x @ W.T"}
+    assert roof["100"]["measured_ms"] is None  # 12 steps do not reach position 100
+    hidden, layers = 16, 2  # the tiny decoder: K/V of 2 CFG rows at position 100 + the prompt
+    text_len = len(ours["input_ids"][0])
+    assert roof["100"]["kv_MB"] * 1e6 == pytest.approx(
+        2 * 2 * layers * hidden * 4 * (101 + text_len)
+    )
