@@ -27,7 +27,11 @@ def load_blas() -> str | None:
     """Load OpenBLAS globally if on Linux, not disabled, and mlx is not imported yet; return its path."""
     global loaded
     setting = os.environ.get("MUSICGEN_MLX_BLAS", "1").strip()
-    if loaded or not sys.platform.startswith("linux") or setting.lower() in ("0", "off", "false", "no"):
+    if (
+        loaded
+        or not sys.platform.startswith("linux")
+        or setting.lower() in ("0", "off", "false", "no")
+    ):
         return loaded
     if "mlx.core" in sys.modules:
         return None  # too late: mlx already resolved its BLAS symbols

@@ -52,7 +52,8 @@ def save_audio(path: str | Path, audio, sampling_rate: int, *, subtype: str | No
     try:
         with os.fdopen(fd, "wb") as f:
             sf.write(f, data, int(sampling_rate), format=fmt, subtype=subtype or default_subtype)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp files are private; the result gets the usual mode
+        # mkstemp files are private; the finished file gets the usual mode.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -200,9 +200,11 @@ def randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
                 new = 1.0 + 0.3 * randn(*t.shape) if leaf == "weight" else 0.2 * randn(*t.shape)
             elif "relative_attention_bias" in name:
                 new = 0.8 * randn(*t.shape)
-            elif "embed_tokens" in name or name.endswith("shared.weight"):
-                new = randn(*t.shape)
-            elif name.endswith("codebook.embed"):
+            elif (
+                "embed_tokens" in name
+                or name.endswith("shared.weight")
+                or name.endswith("codebook.embed")
+            ):
                 new = randn(*t.shape)
             elif name.endswith(("embed_avg", "cluster_size")) or name.endswith("inited"):
                 new = torch.ones_like(t)
@@ -286,7 +288,9 @@ def save_bin_shards(state: dict[str, torch.Tensor], folder: Path, shards: int) -
             weight_map[n] = file
             total += state[n].numel() * state[n].element_size()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (folder / "pytorch_model.bin.index.json").write_text(
+        json.dumps(index, indent=2, sort_keys=True) + "\n"
+    )
 
 
 def generation_config(model: MusicgenForConditionalGeneration) -> None:
@@ -326,7 +330,9 @@ def greedy(model, max_new_tokens: int, **inputs):
 def long_test_signal() -> np.ndarray:
     """The 30 s test signal for EnCodec encode parity (also recomputed by the tests)."""
     t = np.arange(30 * 32000, dtype=np.float64) / 32000
-    sig = 0.4 * np.sin(2 * np.pi * 220.0 * t) + 0.25 * np.sin(2 * np.pi * 331.7 * t) * np.cos(np.pi * 0.5 * t)
+    sig = 0.4 * np.sin(2 * np.pi * 220.0 * t) + 0.25 * np.sin(2 * np.pi * 331.7 * t) * np.cos(
+        np.pi * 0.5 * t
+    )
     sig += 0.1 * np.sign(np.sin(2 * np.pi * 3.0 * t))
     return sig.astype(np.float32)
 
@@ -463,7 +469,9 @@ def build(out: Path) -> None:
 
         # audio-prompt continuation
         t = torch.arange(16000, dtype=torch.float64) / 32000
-        prompt_audio = (0.5 * torch.sin(2 * torch.pi * 440 * t) * torch.exp(-3 * t)).float()[None, None]
+        prompt_audio = (0.5 * torch.sin(2 * torch.pi * 440 * t) * torch.exp(-3 * t)).float()[
+            None, None
+        ]
         prompt_codes = mono.audio_encoder.encode(prompt_audio).audio_codes[0]
         tokens, audio = greedy(mono, 20, input_values=prompt_audio, **single)
         np.savez(
@@ -492,8 +500,12 @@ def build(out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "tests" / "fixtures")
-    parser.add_argument("--check", action="store_true", help="regenerate into a temp dir and compare bytes")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parents[1] / "tests" / "fixtures"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="regenerate into a temp dir and compare bytes"
+    )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     if not args.check:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import musicgen  # noqa: F401  (loads OpenBLAS before mlx is imported)
 import pytest
+
+import musicgen  # noqa: F401  (loads OpenBLAS before mlx is imported)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
