@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlx.core as mx
@@ -184,3 +185,145 @@ def test_elu_two_stream_split_matches_reference():
     ref = np.array(x)
     ref = np.where(ref > 0, ref, np.expm1(np.minimum(ref, 0)))
     np.testing.assert_allclose(np.array(ELU()(x)), ref, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ convolution helpers at real widths
+
+
+def reflect_pad(x: np.ndarray, left: int, right: int) -> np.ndarray:
+    """transformers' EncodecConv1d._pad1d in reflect mode on (B, T, C): zero-extend when too short."""
+    extra = max(left, right) - x.shape[1] + 1 if x.shape[1] <= max(left, right) else 0
+    if extra:
+        x = np.pad(x, [(0, 0), (0, extra), (0, 0)])
+    y = np.pad(x, [(0, 0), (left, right), (0, 0)], mode="reflect")
+    return y[:, : y.shape[1] - extra]
+
+
+def ref_conv1d_module(x, w, b, stride, dilation, act):
+    """transformers' non-causal EncodecConv1d.forward (reflect padding, extra right padding),
+    with the convolution itself done by mx.conv1d."""
+    kernel = (w.shape[1] - 1) * dilation + 1
+    padding_total = kernel - stride
+    length = x.shape[1]
+    n_frames = math.ceil((length - kernel + padding_total) / stride + 1) - 1
+    extra = n_frames * stride + kernel - padding_total - length
+    right = padding_total // 2
+    if act:
+        x = np.where(x > 0, x, np.expm1(np.minimum(x, 0)))
+    x = reflect_pad(x, padding_total - right, right + extra)
+    y = mx.conv1d(mx.array(x), mx.array(w), stride=stride, dilation=dilation) + mx.array(b)
+    return np.array(y)
+
+
+def ref_conv_transpose1d_module(x, w, b, stride, act):
+    """transformers' non-causal EncodecConvTranspose1d.forward: mx.conv_transpose1d, then trimmed."""
+    if act:
+        x = np.where(x > 0, x, np.expm1(np.minimum(x, 0)))
+    y = np.array(mx.conv_transpose1d(mx.array(x), mx.array(w), stride=stride) + mx.array(b))
+    padding_total = w.shape[1] - stride
+    right = padding_total // 2
+    return y[:, padding_total - right : y.shape[1] - right]
+
+
+def random_conv(in_ch: int, out_ch: int, kernel: int, seed: int):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((out_ch, kernel, in_ch)) / math.sqrt(in_ch * kernel)
+    w = w.astype(np.float32)
+    b = rng.standard_normal(out_ch).astype(np.float32)
+    return w, b
+
+
+# (in, out, kernel, stride, dilation, length): the widths of EnCodec 32 kHz (num_filters 64, hidden 128,
+# ratios 8 5 4 4), one per branch of _conv1d: im2col (kernel * in <= 64), narrow output (out <= 8),
+# per-tap products, and stride s with kernel m * s (frames of s samples) or not
+CONV_CASES = [
+    (1, 64, 7, 1, 1, 300),  # encoder input conv: im2col
+    (64, 1, 7, 1, 1, 300),  # decoder output conv: narrow output, one product and shifted sums
+    (512, 512, 3, 1, 1, 40),  # residual conv: per-tap addmm
+    (512, 512, 3, 1, 3, 40),  # dilated
+    (512, 256, 3, 1, 1, 40),  # the residual block's compress=2 conv
+    (256, 512, 1, 1, 1, 40),  # 1x1
+    (128, 1024, 7, 1, 1, 30),  # decoder input conv
+    (64, 128, 8, 4, 1, 203),  # encoder downsampling, K = 2 * stride: framed
+    (512, 1024, 16, 8, 1, 171),  # framed, per-tap
+    (16, 24, 5, 2, 1, 51),  # K not a multiple of the stride: mx.conv1d
+    (8, 8, 3, 2, 2, 51),  # strided and dilated: mx.conv1d
+]
+
+
+@pytest.mark.parametrize("act", [False, True], ids=["plain", "elu"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "{}-{}-k{}-s{}-d{}".format(*c[:5]))
+def test_conv1d_matches_mx_conv1d_at_real_widths(case, act):
+    from encodec.encodec import ELU, EncodecConv1d
+
+    in_ch, out_ch, kernel, stride, dilation, length = case
+    config = EncodecConfig(use_causal_conv=False, pad_mode="reflect")
+    layer = EncodecConv1d(config, in_ch, out_ch, kernel, stride=stride, dilation=dilation)
+    w, b = random_conv(in_ch, out_ch, kernel, seed=in_ch + out_ch + kernel)
+    layer.conv.weight, layer.conv.bias = mx.array(w), mx.array(b)
+    x = np.random.default_rng(1).standard_normal((2, length, in_ch)).astype(np.float32)
+    got = np.array(layer(mx.array(x), ELU() if act else None))
+    ref = ref_conv1d_module(x, w, b, stride, dilation, act)
+    assert got.shape == ref.shape == (2, -(-length // stride), out_ch)
+    assert rel_err(got, ref) <= 1e-5
+
+
+# (in, out, kernel, stride, frames): the decoder's upsampling convolutions, and odd shapes
+TRANSPOSED_CASES = [
+    (1024, 512, 16, 8, 9),
+    (512, 256, 10, 5, 12),
+    (256, 128, 8, 4, 20),
+    (128, 64, 8, 4, 30),
+    (4, 3, 7, 3, 11),  # K not a multiple of the stride (zero-padded taps)
+    (2, 5, 3, 3, 5),  # K = stride: nothing trimmed
+]
+
+
+@pytest.mark.parametrize("act", [False, True], ids=["plain", "elu"])
+@pytest.mark.parametrize("case", TRANSPOSED_CASES, ids=lambda c: "{}-{}-k{}-s{}".format(*c[:4]))
+def test_conv_transpose1d_matches_mx_conv_transpose1d_at_real_widths(case, act):
+    from encodec.encodec import ELU, EncodecConvTranspose1d
+
+    in_ch, out_ch, kernel, stride, frames = case
+    config = EncodecConfig(use_causal_conv=False, pad_mode="reflect")
+    layer = EncodecConvTranspose1d(config, in_ch, out_ch, kernel, stride=stride)
+    w, b = random_conv(in_ch, out_ch, kernel, seed=in_ch + kernel)
+    layer.conv.weight, layer.conv.bias = mx.array(w), mx.array(b)
+    x = np.random.default_rng(2).standard_normal((2, frames, in_ch)).astype(np.float32)
+    got = np.array(layer(mx.array(x), ELU() if act else None))
+    ref = ref_conv_transpose1d_module(x, w, b, stride, act)
+    assert got.shape == ref.shape == (2, frames * stride, out_ch)
+    assert rel_err(got, ref) <= 1e-5
+
+
+def test_mx_conv_transpose1d_is_pytorchs():
+    """The reference above: output[t * s + k] += W[:, k] @ x[t] (PyTorch's ConvTranspose1d), unflipped."""
+    w, b = random_conv(3, 2, 5, seed=0)
+    x = np.random.default_rng(3).standard_normal((1, 4, 3)).astype(np.float32)
+    ref = np.zeros((1, 3 * 2 + 5, 2), np.float32) + b
+    for t in range(4):
+        for k in range(5):
+            ref[0, t * 2 + k] += w[:, k] @ x[0, t]
+    got = np.array(mx.conv_transpose1d(mx.array(x), mx.array(w), stride=2) + mx.array(b))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_peak_memory_is_linear_in_length():
+    """Nothing quadratic in time: 4x the frames needs at most ~4.5x the peak memory (and 4x the output)."""
+    model = EncodecModel.from_pretrained(FIXTURES / "tiny-musicgen")
+    rng = np.random.default_rng(0)
+
+    def peak(frames: int) -> int:
+        codes = mx.array(rng.integers(0, 2048, (1, 4, frames)).astype(np.int32))
+        mx.eval(codes)
+        mx.synchronize()
+        mx.reset_peak_memory()
+        audio = model.decode(codes)
+        mx.eval(audio)
+        assert audio.shape == (1, frames * 640, 1)
+        return mx.get_peak_memory()
+
+    peak(50)  # warm up (compiled LSTM step)
+    small, large = peak(500), peak(2000)  # 10 s and 40 s of audio: the activations dominate
+    assert small > 10 * 500 * 640 * 4  # many times the output: fixed overheads are negligible
+    assert large <= 4.5 * small, (small, large)
