@@ -205,13 +205,15 @@ class MusicGen:
         """Audio codes int32 (batch, num_codebooks, frames).
 
         Length: `max_steps` new decoder steps in one pass (frames = max_steps - max codebook delay), or
-        `duration` seconds of new audio: beyond the model's window (`window_duration`, default
+        `duration` seconds of new audio (not both: ValueError): beyond the model's window (`window_duration`, default
         max_duration = 30 s) audiocraft's sliding window continues the last window - `extend_stride`
         seconds with the same text. Neither: generation_config's max_length (the prompt included).
 
         `prompts` None or "" generates unconditionally (guidance off, as transformers). `audio_prompt`
         (see encode_audio) is continued; the result starts with its frames unless include_prompt=False.
         """
+        if max_steps is not None and duration is not None:
+            raise ValueError("give max_steps or duration, not both")
         codes = None if audio_prompt is None else self.encode_audio(audio_prompt)
         texts = [prompts] if prompts is None or isinstance(prompts, str) else list(prompts)
         if codes is not None and len(texts) != codes.shape[0]:
@@ -293,7 +295,8 @@ class MusicGen:
     ) -> mx.array:
         """Audio for one prompt (samples, channels) or a list of prompts (batch, samples, channels).
 
-        Give `max_steps` (decoder steps) or `duration` (seconds); keyword arguments as generate_tokens.
+        Give `max_steps` (decoder steps) or `duration` (seconds), not both; keyword arguments as
+        generate_tokens.
         One clip (no batch axis) for a str or None prompt unless the audio prompt is a (batch, ...) array.
         """
         tokens = self.generate_tokens(

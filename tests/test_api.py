@@ -70,6 +70,49 @@ def test_seed_reproducibility(model):
     assert (np.array(a) == np.array(b)).all() and (np.array(a) != np.array(c)).any()
 
 
+def test_same_seed_gives_identical_audio_and_no_seed_differs(model):
+    a = np.array(model.generate("a", max_steps=30, seed=7))
+    b = np.array(model.generate("a", max_steps=30, seed=7))
+    c = np.array(model.generate("a", max_steps=30, seed=8))
+    assert a.shape == (27 * 640, 1) and np.abs(a).max() > 0
+    assert np.array_equal(a, b)  # bit for bit, not only the tokens
+    assert not np.array_equal(a, c)
+    # unseeded: two runs draw differently (temperature 2 so that the tiny model's draws spread out)
+    x = model.generate_tokens("a", max_steps=40, temperature=2.0)
+    y = model.generate_tokens("a", max_steps=40, temperature=2.0)
+    assert (np.array(x) != np.array(y)).any()
+
+
+def test_max_steps_and_duration_together_are_refused(model):
+    with pytest.raises(ValueError, match="give max_steps or duration, not both"):
+        model.generate_tokens("a", max_steps=20, duration=0.2)
+    with pytest.raises(ValueError, match="give max_steps or duration, not both"):
+        model.generate("a", 20, duration=0.2)
+    assert model.generate_tokens("a", duration=0.2, top_k=1).shape == (1, 4, 10)
+
+
+def test_progress_bar_by_default_for_long_generations(model, capfd):
+    capfd.readouterr()
+    model.generate_tokens("a", max_steps=100, top_k=1)
+    shown = capfd.readouterr().err
+    assert "/100" in shown and "step" in shown  # tqdm: "n/100 [.. step/s]"
+    model.generate_tokens("a", max_steps=100, top_k=1, progress=False)
+    model.generate_tokens("a", max_steps=99, top_k=1)  # short: no bar by default
+    assert capfd.readouterr().err == ""
+    model.generate_tokens("a", max_steps=20, top_k=1, progress=True)
+    assert "/20" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("length", [{"max_steps": 12}, {"duration": 0.2}])
+def test_callback_gets_every_step_and_the_total(model, length):
+    seen = []
+    model.generate_tokens(
+        "a", top_k=1, callback=lambda step, total: seen.append((step, total)), **length
+    )
+    total = 12 if "max_steps" in length else 13  # 0.2 s = 10 frames + 3 delay steps
+    assert seen == [(step, total) for step in range(1, total + 1)]
+
+
 def test_max_steps_limit(model):
     with pytest.raises(ValueError):
         model.generate_tokens("a", max_steps=model.max_steps + 1)

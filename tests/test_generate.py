@@ -170,11 +170,71 @@ def test_seeds_reproduce_and_differ(mono):
     assert np.array(a).max() < 2048 and np.array(a).min() >= 0
 
 
-def test_top_k_generation_stays_in_vocab_and_matches_greedy_for_k1(mono):
-    states, mask = alone(0)
-    greedy = generate_tokens(mono, states, mask, 20, top_k=1, progress=False)
-    sampled = generate_tokens(mono, states, mask, 20, top_k=1, seed=5, progress=False)
-    assert (np.array(greedy) == np.array(sampled)).all()
+def guided_logits(decoder, states, mask, tokens, guidance_coef):
+    """Teacher forcing: the guided logits (batch, codebooks, steps, vocab) that each generation step saw.
+
+    The generated codes are put back into the delay pattern; step s read bos + the delayed tokens before
+    s, so one full causal forward (no cache) over both CFG halves recomputes every step's logits.
+    """
+    c = decoder.config
+    delayed = build_delay_pattern(tokens, c.delays, c.pad_token_id)
+    b, k, _ = delayed.shape
+    bos = mx.full((b, k, 1), c.bos_token_id, dtype=mx.int32)
+    inputs = mx.concatenate([bos, delayed[..., :-1]], axis=-1)
+    cross = decoder.cross_states(
+        mx.concatenate([states, mx.zeros_like(states)]), mx.concatenate([mask, mx.zeros_like(mask)])
+    )
+    logits = decoder(mx.concatenate([inputs, inputs]), cross).astype(mx.float32)
+    guided = logits[b:] + guidance_coef * (logits[:b] - logits[b:])
+    return np.array(guided, np.float64), np.array(delayed)
+
+
+def sampled_steps(decoder, states, mask, steps, temperature, **sampling):
+    """Generate with CFG 3, then yield (tempered guided logits, drawn token) of every real token."""
+    tokens = generate_tokens(
+        decoder,
+        states,
+        mask,
+        steps,
+        guidance_coef=3.0,
+        temperature=temperature,
+        seed=1,
+        progress=False,
+        **sampling,
+    )
+    logits, delayed = guided_logits(decoder, states, mask, tokens, 3.0)
+    valid = np.array(delay_valid_mask(steps, decoder.config.delays))  # (steps, codebooks)
+    for row in range(delayed.shape[0]):
+        for s, q in np.argwhere(valid):
+            yield logits[row, q, s] / temperature, int(delayed[row, q, s])
+
+
+def test_top_k_generation_only_emits_the_k_best_of_each_step(mono, expected):
+    """top_k=5 at temperature 3 (without the cut, ~15% of these draws fall outside the 5 best)."""
+    states, mask = text_states([0, 1], expected["batch_attention_mask"])
+    ranks = []
+    for logits, token in sampled_steps(mono, states, mask, 40, 3.0, top_k=5):
+        tol = 1e-4 * np.abs(logits).max()  # full forward vs cached steps: float32 rounding
+        ranks.append(int((logits > logits[token] + tol).sum()))  # tokens clearly better than it
+    assert len(ranks) == 2 * 4 * 37
+    assert max(ranks) < 5
+    assert np.bincount(ranks, minlength=5)[1:].sum() > 20  # really sampled, not greedy
+
+
+def test_top_p_generation_only_emits_the_nucleus_of_each_step(mono, expected):
+    """top_p=0.8 at temperature 2: each token's strictly more likely tokens hold < 80% of the mass."""
+    states, mask = text_states([0, 1], expected["batch_attention_mask"])
+    before, ranks = [], []
+    for logits, token in sampled_steps(mono, states, mask, 40, 2.0, top_k=0, top_p=0.8):
+        tol = 1e-4 * np.abs(logits).max()
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        better = logits > logits[token] + tol
+        before.append(float(probs[better].sum()))
+        ranks.append(int(better.sum()))
+    assert len(before) == 2 * 4 * 37
+    assert max(before) < 0.8
+    assert sum(r > 0 for r in ranks) > 20  # really sampled, not greedy
 
 
 def test_callback_progress_and_interrupt_leave_no_state(mono, expected):
