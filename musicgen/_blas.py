@@ -2,7 +2,11 @@
 
 MLX's Linux CPU wheel bundles a reference BLAS (a few GFLOP/s). When Debian's OpenBLAS is installed, loading it
 with RTLD_GLOBAL before `mlx.core` makes MLX's matrix products resolve to it (about 25x faster on a 2-core x86
-machine). Set MUSICGEN_MLX_BLAS=0 to turn this off, or MUSICGEN_MLX_BLAS=/path/to/libblas.so to pick a library.
+machine). Set MUSICGEN_MLX_BLAS=0 to turn this off, or MUSICGEN_MLX_BLAS=/path/to/libblas.so to pick a library
+(a RuntimeWarning when that path does not exist or does not load; MLX then keeps its bundled BLAS).
+
+Every package that imports mlx (`musicgen`, `t5`, `encodec`) calls load_blas() first in its __init__, so
+`import t5` or `import encodec` alone gets OpenBLAS too. The first call decides; later calls return its result.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import warnings
 
 CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
@@ -21,29 +26,45 @@ CANDIDATES = (
 
 #: Path of the BLAS library loaded for MLX, or None (macOS, turned off, or none found).
 loaded: str | None = None
+_tried = False  # load_blas ran once before mlx was imported: its answer stands
 
 
 def load_blas() -> str | None:
     """Load OpenBLAS globally if on Linux, not disabled, and mlx is not imported yet; return its path."""
-    global loaded
+    global loaded, _tried
     setting = os.environ.get("MUSICGEN_MLX_BLAS", "1").strip()
     if (
-        loaded
+        _tried
         or not sys.platform.startswith("linux")
         or setting.lower() in ("0", "off", "false", "no")
     ):
         return loaded
     if "mlx.core" in sys.modules:
         return None  # too late: mlx already resolved its BLAS symbols
-    paths = (setting,) if os.path.sep in setting else CANDIDATES
+    _tried = True
+    chosen = os.path.sep in setting
+    paths = (setting,) if chosen else CANDIDATES
     for path in paths:
-        if os.path.exists(path):
-            try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            except OSError:
-                continue
-            loaded = path
-            break
+        if not os.path.exists(path):
+            if chosen:
+                warnings.warn(
+                    f"MUSICGEN_MLX_BLAS={path}: no such file; MLX keeps its bundled BLAS",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            continue
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            if chosen:
+                warnings.warn(
+                    f"MUSICGEN_MLX_BLAS={path}: cannot load it ({e}); MLX keeps its bundled BLAS",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            continue
+        loaded = path
+        break
     return loaded
 
 
