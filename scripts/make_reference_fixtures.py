@@ -1,13 +1,19 @@
 """Build the tiny reference checkpoints and expected outputs in tests/fixtures/ (the numerical oracle).
 
-Runs in a separate venv with torch and transformers (never needed by CI or at run time):
+Runs in a separate venv with torch and transformers (never needed by CI or at run time), with exactly these
+versions (PINNED below; main() warns when the installed ones differ):
 
-    python3 -m venv /tmp/ref && /tmp/ref/bin/pip install torch==2.13.0   # CPU wheel
-    /tmp/ref/bin/pip install transformers sentencepiece protobuf safetensors numpy
-    /tmp/ref/bin/python scripts/make_reference_fixtures.py               # writes tests/fixtures/
+    python3 -m venv /tmp/ref
+    /tmp/ref/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu   # 2.13.0+cpu
+    /tmp/ref/bin/pip install transformers==5.23.0 tokenizers==0.23.3 sentencepiece==0.2.3 \
+        protobuf==7.36.2 safetensors==0.8.0 numpy==2.4.6
+    /tmp/ref/bin/python scripts/make_reference_fixtures.py --check   # regenerate in a temp dir, compare
+    /tmp/ref/bin/python scripts/make_reference_fixtures.py           # writes tests/fixtures/
 
-Generated with torch 2.13.0 (CPU) and transformers 5.23.0. Everything is seeded; running it twice gives
-byte-identical files (checked by `--check`, which regenerates into a temp folder and compares).
+Generated with torch 2.13.0+cpu, transformers 5.23.0, tokenizers 0.23.3, sentencepiece 0.2.3, protobuf 7.36.2,
+safetensors 0.8.0 and numpy 2.4.6 on Python 3.11 (Linux x86_64). Everything is seeded; running it twice gives
+byte-identical files (checked by `--check`, which regenerates into a temp folder and compares). Other versions
+may change the trained sentencepiece model, the random weights or the last bits of the expected outputs.
 
 Checkpoints (Hugging Face layout), all sharing one set of T5 and EnCodec weights:
 - tiny-musicgen/         mono MusicGen, transformers-5 names, fp32 model.safetensors, spiece.model, tokenizer files
@@ -498,6 +504,33 @@ def build(out: Path) -> None:
         )
 
 
+#: The versions that made the committed fixtures (see the module docstring).
+PINNED = {
+    "torch": "2.13.0",
+    "transformers": "5.23.0",
+    "tokenizers": "0.23.3",
+    "sentencepiece": "0.2.3",
+    "protobuf": "7.36.2",
+    "safetensors": "0.8.0",
+    "numpy": "2.4.6",
+}
+
+
+def version_drift() -> list[str]:
+    """'name installed (fixtures: pinned)' for each installed version that differs from PINNED."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    drift = []
+    for name, pinned in PINNED.items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            installed = "not installed"
+        if installed.split("+")[0] != pinned:  # torch's local tag (+cpu) does not count
+            drift.append(f"{name} {installed} (fixtures: {pinned})")
+    return drift
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -508,6 +541,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    drift = version_drift()
+    if drift:
+        print(
+            "warning: not the versions that made the committed fixtures, so the output may not be "
+            "byte-identical: " + ", ".join(drift),
+            file=sys.stderr,
+        )
     if not args.check:
         build(args.out)
         print(f"wrote {args.out}")
