@@ -30,6 +30,8 @@ from pathlib import Path
 PROG = "musicgen-cli"
 DEFAULT_MODEL = "facebook/musicgen-small"
 DEFAULT_STEPS = 300
+DEFAULT_STRIDE = 18.0  # seconds: audiocraft's extend_stride, for music longer than the window
+MAX_DURATION = 3600.0  # seconds: longer requests are refused as a likely typo
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")  # musicgen.audio.FORMATS (not imported: it loads mlx)
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
@@ -103,6 +105,22 @@ def generate_parser() -> Parser:
         metavar="FILE",
         help="one prompt a line (blank lines and lines starting with # skipped)",
     )
+    g.add_argument(
+        "--unconditional",
+        action="store_true",
+        help="no text: generate (or continue --audio-prompt) without a description",
+    )
+    g.add_argument(
+        "--audio-prompt",
+        metavar="FILE",
+        help="an audio file to continue (any sample rate and channel count)",
+    )
+    g.add_argument(
+        "--no-include-prompt",
+        dest="include_prompt",
+        action="store_false",
+        help="with --audio-prompt: output only the new audio, not the prompt before it",
+    )
     g = p.add_argument_group("output")
     g.add_argument(
         "-o",
@@ -166,7 +184,14 @@ def generate_parser() -> Parser:
         "--duration",
         type=float,
         metavar="SECONDS",
-        help="length of the audio in seconds (instead of --max-steps)",
+        help="length of the new audio in seconds (instead of --max-steps); beyond the model's "
+        "30 s window it continues with a sliding window",
+    )
+    g.add_argument(
+        "--extend-stride",
+        type=float,
+        metavar="SECONDS",
+        help=f"with --duration beyond the window: how far each next window moves ({DEFAULT_STRIDE:g})",
     )
     g.add_argument(
         "--top-k", type=int, metavar="K", help="sample from the K most likely tokens (250)"
@@ -232,7 +257,7 @@ def cache_parser() -> Parser:
 class Job:
     """Everything a generation needs, checked."""
 
-    prompts: list[str]
+    prompts: list[str | None]
     folder: Path
     ext: str
     output: Path | None = None  # one explicit file (overwritten)
@@ -240,7 +265,12 @@ class Job:
     names: list[str] = field(default_factory=list)  # default names, from the prompts
 
 
-def read_prompts(args) -> list[str]:
+def read_prompts(args) -> list[str | None]:
+    """The text prompts ([None] for --unconditional)."""
+    if args.unconditional:
+        if args.prompt or args.prompts_file:
+            raise UsageError("--unconditional takes no --prompt or --prompts-file")
+        return [None]
     prompts = list(args.prompt)
     for p in prompts:
         if not p.strip():
@@ -258,7 +288,9 @@ def read_prompts(args) -> list[str]:
             raise UsageError(f"no prompts in {args.prompts_file}")
         prompts += found
     if not prompts:
-        raise UsageError("give a text description with --prompt TEXT (or --prompts-file FILE)")
+        raise UsageError(
+            "give a text description with --prompt TEXT (or --prompts-file FILE, or --unconditional)"
+        )
     return [p.strip() for p in prompts]
 
 
@@ -287,7 +319,7 @@ def slug(prompt: str) -> str:
     return s or "musicgen"
 
 
-def check_output(args, prompts: list[str]) -> Job:
+def check_output(args, prompts: list[str | None]) -> Job:
     ext = f".{args.format}" if args.format else None
     if args.output and args.output_dir:
         raise UsageError("give --output or --output-dir, not both")
@@ -315,7 +347,8 @@ def check_output(args, prompts: list[str]) -> Job:
         if not args.prefix.strip() or "/" in args.prefix or os.sep in args.prefix:
             raise UsageError(f"--prefix must be a plain file name, got '{args.prefix}'")
         return Job(prompts, folder, ext or ".wav", prefix=args.prefix)
-    return Job(prompts, folder, ext or ".wav", names=[slug(p) for p in prompts])
+    names = [slug(p) if p else "unconditional" for p in prompts]
+    return Job(prompts, folder, ext or ".wav", names=names)
 
 
 def check_numbers(args) -> None:
@@ -325,6 +358,19 @@ def check_numbers(args) -> None:
         raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
     if args.duration is not None and not args.duration > 0:
         raise UsageError(f"--duration must be positive, got {args.duration:g}")
+    if args.duration is not None and not args.duration <= MAX_DURATION:
+        raise UsageError(f"--duration must be at most {MAX_DURATION:g} s, got {args.duration:g}")
+    if args.extend_stride is not None:
+        if args.duration is None:
+            raise UsageError("--extend-stride goes with --duration")
+        if not args.extend_stride > 0:
+            raise UsageError(f"--extend-stride must be positive, got {args.extend_stride:g}")
+    if not args.include_prompt and args.audio_prompt is None:
+        raise UsageError("--no-include-prompt goes with --audio-prompt")
+    if args.unconditional and args.guidance is not None:
+        raise UsageError(
+            "--guidance has no effect with --unconditional (there is no text to guide)"
+        )
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     if args.top_p is not None and not 0 <= args.top_p <= 1:
@@ -339,37 +385,190 @@ def check_numbers(args) -> None:
         raise UsageError(f"--sample-rate must be in [1000, 384000] Hz, got {args.sample_rate}")
 
 
-def step_limits(config: dict) -> tuple[int, int, int]:
-    """(fewest steps, most steps, frame rate) of a MusicGen config (steps must exceed the largest delay)."""
+@dataclass(frozen=True)
+class Limits:
+    """What a checkpoint allows: decoder steps of one pass, rates, and the window of long generation."""
+
+    low: int  # fewest steps of one pass (largest codebook delay + 1)
+    high: int  # most steps of one pass, audio prompt included (the decoder's positions)
+    frame_rate: int
+    sampling_rate: int
+    hop: int  # audio samples per frame
+    window: int  # frames of the model's window (generation_config max_length): 30 s
+
+    @property
+    def delay(self) -> int:
+        return self.low - 1
+
+
+# every published MusicGen checkpoint (small, medium, large, stereo-*)
+PUBLISHED_LIMITS = Limits(
+    low=4, high=2048, frame_rate=50, sampling_rate=32000, hop=640, window=1500
+)
+DEFAULT_MAX_LENGTH = 1500  # frames; MusicGen.max_duration's default without generation_config.json
+
+
+def config_limits(config: dict, max_length: int | None) -> Limits:
+    """The Limits of a MusicGen config.json and generation_config.json's max_length."""
     from encodec.encodec import EncodecConfig
     from musicgen.model import MusicgenDecoderConfig
 
     decoder = MusicgenDecoderConfig.from_dict(config)
-    frame_rate = EncodecConfig.from_dict(config["audio_encoder"]).frame_rate
-    return max(decoder.delays) + 1, decoder.max_position_embeddings, frame_rate
+    codec = EncodecConfig.from_dict(config["audio_encoder"])
+    rate = codec.frame_rate
+    window = int((max_length or DEFAULT_MAX_LENGTH) / rate * rate)  # as MusicGen.generate_tokens
+    return Limits(
+        max(decoder.delays) + 1,
+        decoder.max_position_embeddings,
+        rate,
+        codec.sampling_rate,
+        codec.hop_length,
+        window,
+    )
 
 
-def steps_to_run(args, limits: tuple[int, int, int]) -> int:
-    """Decoder steps for --max-steps / --duration, checked against the model's limits."""
-    low, high, frame_rate = limits
-    delay = low - 1
+def model_limits(model) -> Limits:
+    return Limits(
+        max(model.decoder_config.delays) + 1,
+        model.max_steps,
+        model.frame_rate,
+        model.sampling_rate,
+        model.audio_encoder.hop_length,
+        int(model.max_duration * model.frame_rate),
+    )
+
+
+def read_max_length(folder: Path) -> int | None:
+    """generation_config.json's max_length in a checkpoint folder, if any."""
+    try:
+        value = json.loads((folder / "generation_config.json").read_text()).get("max_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, (int, float)) else None
+
+
+def cached_hub_config(model: str, revision: str | None) -> Path | None:
+    """config.json of a hub repo id in the local Hugging Face cache (no network), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(model, "config.json", revision=revision)
+    except Exception:  # an invalid repo id: the loader reports it
+        return None
+    return Path(path) if isinstance(path, str) else None
+
+
+def peek_limits(model: str, revision: str | None) -> Limits:
+    """Limits before loading: a local folder's config, a hub repo's cached config, else the published ones."""
+    from musicgen.weights import WeightsError, load_config
+
+    config = peek_local_config(model)
+    folder = None if config is None else Path(model).expanduser()
+    if config is None:
+        path = cached_hub_config(model, revision)
+        if path is None:
+            return PUBLISHED_LIMITS
+        try:
+            config = load_config(path)
+        except WeightsError as e:
+            raise CliError(str(e)) from None
+        folder = path.parent
+    try:
+        return config_limits(config, read_max_length(folder))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CliError(f"{model}: unusable config.json ({type(e).__name__}: {e})") from None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a run's length is generated."""
+
+    steps: int  # decoder steps in all (every window): the progress bar's total
+    max_steps: int | None  # one pass of this many steps, or None: by duration
+    frames: int  # new audio frames
+    windows: int  # decoder passes (more than 1: sliding window)
+
+
+def plan_length(args, lim: Limits, prompt_frames: int = 0) -> Plan:
+    """Decoder steps for --max-steps / --duration (after an audio prompt), checked against the limits."""
+    fr = lim.frame_rate
+    prompt_s = f"the {prompt_frames / fr:g} s audio prompt"
     if args.duration is not None:
-        frames = round(args.duration * frame_rate)
+        frames = round(args.duration * fr)
         if frames < 1:
-            raise UsageError(f"--duration must be at least {1 / frame_rate:g} s (one frame)")
-        steps = frames + delay
-        if steps > high:
+            raise UsageError(f"--duration must be at least {1 / fr:g} s (one frame)")
+        if prompt_frames + frames <= lim.window:  # one pass
+            steps = frames + lim.delay
+            if prompt_frames + steps > lim.high:
+                raise UsageError(
+                    f"{prompt_s} and --duration {args.duration:g} s take {prompt_frames + steps} "
+                    f"steps, more than this model's {lim.high}"
+                )
+            return Plan(steps, None, frames, 1)
+        from musicgen.generate import sliding_windows
+
+        window_s = lim.window / fr
+        stride = int((DEFAULT_STRIDE if args.extend_stride is None else args.extend_stride) * fr)
+        if not 0 < stride < lim.window:
             raise UsageError(
-                f"--duration {args.duration:g} s is longer than this model's window of "
-                f"{(high - delay) / frame_rate:g} s ({high} steps); longer generation is not supported yet"
+                f"--extend-stride must be at least {1 / fr:g} s and less than this model's window "
+                f"of {window_s:g} s, got {args.extend_stride:g}"
             )
-        return steps
+        if prompt_frames >= lim.window:
+            raise UsageError(
+                f"{prompt_s} must be shorter than this model's window of {window_s:g} s "
+                "to continue beyond the window"
+            )
+        if lim.window + lim.delay > lim.high:
+            raise CliError(
+                f"this model's window of {lim.window} frames exceeds its {lim.high} steps: "
+                "give a --duration of at most the window"
+            )
+        windows = sliding_windows(prompt_frames + frames, prompt_frames, lim.window, stride)
+        steps = sum(length - context + lim.delay for _, context, length in windows)
+        return Plan(steps, None, frames, len(windows))
     steps = DEFAULT_STEPS if args.max_steps is None else args.max_steps
-    if steps < low:
-        raise UsageError(f"--max-steps must be at least {low} for this model, got {steps}")
-    if steps > high:
-        raise UsageError(f"--max-steps must be at most {high} for this model, got {steps}")
-    return steps
+    if steps < lim.low:
+        raise UsageError(f"--max-steps must be at least {lim.low} for this model, got {steps}")
+    if steps > lim.high - prompt_frames:
+        after = f" after {prompt_s}" if prompt_frames else ""
+        raise UsageError(
+            f"--max-steps must be at most {lim.high - prompt_frames} for this model{after}, "
+            f"got {steps} (--duration SECONDS goes beyond one pass)"
+        )
+    return Plan(steps, steps, steps - lim.delay, 1)
+
+
+def check_audio_prompt(path: str) -> dict:
+    """A readable, non-empty audio file (cheap: header only): its rate, channels and length."""
+    import soundfile as sf
+
+    if not Path(path).is_file():
+        what = "is a folder" if Path(path).is_dir() else "does not exist"
+        raise UsageError(f"--audio-prompt {path} {what}")
+    try:
+        info = sf.info(path)
+    except (OSError, RuntimeError, sf.LibsndfileError) as e:
+        raise UsageError(f"cannot read --audio-prompt {path}: {reason(e)}") from None
+    if info.frames <= 0:
+        raise UsageError(f"--audio-prompt {path} is empty")
+    return {
+        "file": path,
+        "sample_rate": info.samplerate,
+        "channels": info.channels,
+        "duration_s": round(info.frames / info.samplerate, 6),
+    }
+
+
+def load_prompt_audio(path: str, lim: Limits):
+    """The audio prompt at the model's rate, and its length in frames."""
+    from musicgen.audio import load_audio
+
+    try:
+        audio, _ = load_audio(path, lim.sampling_rate)
+    except (OSError, RuntimeError) as e:
+        raise UsageError(f"cannot read --audio-prompt {path}: {reason(e)}") from None
+    return audio, -(-int(audio.shape[0]) // lim.hop)
 
 
 LINUX_PLAYERS = (
@@ -607,6 +806,7 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
     args = generate_parser().parse_args(argv)
     prompts = read_prompts(args)
     check_numbers(args)
+    prompt_info = None if args.audio_prompt is None else check_audio_prompt(args.audio_prompt)
     job = check_output(args, prompts)
     player = find_player(job.ext) if args.play else None
     if args.play and player is None:
@@ -615,11 +815,16 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
     t0 = time.perf_counter()
     import musicgen  # noqa: F401  (OpenBLAS before mlx)
 
-    config = peek_local_config(args.model)
-    if config is not None:
-        steps_to_run(args, step_limits(config))  # refuse bad lengths before loading
+    # refuse bad lengths before loading (a hub repo not in the cache: the published limits)
+    lim = peek_limits(args.model, args.revision)
+    audio_prompt, prompt_frames = None, 0
+    if args.audio_prompt is not None:
+        audio_prompt, prompt_frames = load_prompt_audio(args.audio_prompt, lim)
+    plan_length(args, lim, prompt_frames)
     model = load_model(args)
-    steps = steps_to_run(args, step_limits(model.config))
+    if model.sampling_rate != lim.sampling_rate and args.audio_prompt is not None:
+        audio_prompt, prompt_frames = load_prompt_audio(args.audio_prompt, model_limits(model))
+    plan = plan_length(args, model_limits(model), prompt_frames)
     load_s = time.perf_counter() - t0
 
     import mlx.core as mx
@@ -627,34 +832,54 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
 
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     gc = model.generation_config
+    stride = DEFAULT_STRIDE if args.extend_stride is None else args.extend_stride
     params = {
-        "max_steps": steps,
+        "max_steps": plan.steps,
         "duration": args.duration,
+        "extend_stride": stride if plan.windows > 1 else None,
+        "windows": plan.windows,
         "top_k": gc["top_k"] if args.top_k is None else args.top_k,
         "top_p": gc["top_p"] if args.top_p is None else args.top_p,
         "temperature": gc["temperature"] if args.temperature is None else args.temperature,
-        "guidance": gc["guidance_coef"] if args.guidance is None else args.guidance,
+        # unconditional: no text to guide, so MusicGen turns guidance off
+        "guidance": None
+        if args.unconditional
+        else gc["guidance_coef"]
+        if args.guidance is None
+        else args.guidance,
         "seed": seed,
+        "unconditional": args.unconditional,
+        "audio_prompt": None
+        if prompt_info is None
+        else {**prompt_info, "frames": prompt_frames, "included": args.include_prompt},
     }
     t1 = time.perf_counter()
     with tqdm(
-        total=steps,
+        total=plan.steps,
         desc="Generating",
         unit="step",
         disable=args.quiet,
         leave=False,
         dynamic_ncols=True,
     ) as bar:
+
+        def advance(done: int, total: int) -> None:
+            bar.update(done - bar.n)  # `done` counts every window's steps so far
+
         tokens = model.generate_tokens(
-            prompts,
-            steps,
+            prompts[0] if args.unconditional else prompts,
+            plan.max_steps,
+            duration=args.duration if plan.max_steps is None else None,
+            audio_prompt=audio_prompt,
+            include_prompt=args.include_prompt,
+            extend_stride=stride,
             top_k=params["top_k"],
             top_p=params["top_p"],
             temperature=params["temperature"],
             guidance_coef=params["guidance"],
             seed=seed,
             progress=False,
-            callback=lambda step, total: bar.update(1),
+            callback=advance,
         )
         mx.eval(tokens)
     t2 = time.perf_counter()

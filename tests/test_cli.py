@@ -17,6 +17,8 @@ import soundfile as sf
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "tiny-musicgen"
+STEREO = REPO / "tests" / "fixtures" / "tiny-musicgen-stereo"
+HOP = 640  # audio samples per frame (32 kHz, 50 frames a second)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,15 @@ def cli(tmp_path, shared_cache):
         env.update(extra or {})
         return env
 
-    def run(*args, cwd: Path | None = None, env: dict | None = None, timeout: float = 120):
+    def run(
+        *args,
+        cwd: Path | None = None,
+        env: dict | None = None,
+        timeout: float = 120,
+        wrap: list[str] = (),
+    ):
         return subprocess.run(
-            [sys.executable, "-m", "apps.musicgen_cli", *map(str, args)],
+            [*wrap, sys.executable, "-m", "apps.musicgen_cli", *map(str, args)],
             cwd=cwd or work,
             env=env_for(env),
             capture_output=True,
@@ -54,6 +62,15 @@ def cli(tmp_path, shared_cache):
     run.work = work
     run.env_for = env_for
     return run
+
+
+def write_prompt_wav(path: Path, seconds: float = 0.5, rate: int = 16_000, channels: int = 2):
+    """A noise clip as an audio prompt (16 kHz stereo by default: the CLI resamples and mixes)."""
+    import numpy as np
+
+    noise = np.random.default_rng(0).uniform(-0.3, 0.3, (round(seconds * rate), channels))
+    sf.write(path, noise.astype(np.float32), rate)
+    return path
 
 
 def files(folder: Path) -> list[str]:
@@ -222,6 +239,90 @@ def test_prompts_file_flac_resampled_duration(cli):
     assert r.stdout.startswith("Saved 2 files")
 
 
+def test_duration_beyond_window_slides(cli):
+    """62 s on a model with a 30 s window: audiocraft's sliding window, 3 windows, exact length."""
+    r = cli("--prompt", "long ambient", "--model", TINY, "--duration", 62, "--seed", 2,
+            "--output", "long.wav", timeout=300)  # fmt: skip
+    assert_ok(r)
+    info = sf.info(cli.work / "long.wav")
+    assert (info.samplerate, info.channels, info.frames) == (32000, 1, 62 * 50 * HOP)
+    assert r.stdout.startswith("Saved long.wav: 62.00 s at 32000 Hz")
+    meta = json.loads((cli.work / "long.wav.json").read_text())
+    # windows of 1500 frames every 900 (stride 18 s): 0-1500, 900-2400 (600 continued),
+    # 1800-3100 (600 continued); steps = new frames + 3 delay steps per window
+    assert (meta["duration"], meta["frames"], meta["windows"], meta["extend_stride"]) == (
+        62.0,
+        3100,
+        3,
+        18.0,
+    )
+    assert meta["max_steps"] == 1503 + 903 + 703
+    # a bigger stride: fewer windows, same length
+    r = cli("--prompt", "long ambient", "--model", TINY, "--duration", 62, "--extend-stride", 25,
+            "-q", "--output", "stride.wav", timeout=300)  # fmt: skip
+    assert_ok(r)
+    assert sf.info(cli.work / "stride.wav").frames == 62 * 50 * HOP
+    meta = json.loads((cli.work / "stride.wav.json").read_text())
+    assert (meta["windows"], meta["extend_stride"]) == (3, 25.0)  # 0-1500, 1250-2750, 2500-3100
+
+
+def test_audio_prompt_continuation(cli):
+    """A 16 kHz stereo prompt, resampled to 32 kHz and mixed down for the mono model, is continued."""
+    write_prompt_wav(cli.work / "riff.wav")  # 0.5 s -> 16,000 samples at 32 kHz -> 25 frames
+    common = ["--prompt", "guitar", "--model", TINY, "--audio-prompt", "riff.wav", "--seed", 4]
+    assert_ok(cli(*common, "--max-steps", 20, "--output", "with.wav"))
+    info = sf.info(cli.work / "with.wav")
+    assert (info.samplerate, info.channels, info.frames) == (32000, 1, (25 + 17) * HOP)
+    meta = json.loads((cli.work / "with.wav.json").read_text())
+    assert meta["audio_prompt"] == {
+        "file": "riff.wav", "sample_rate": 16000, "channels": 2, "duration_s": 0.5,
+        "frames": 25, "included": True,
+    }  # fmt: skip
+    assert (meta["max_steps"], meta["frames"]) == (20, 42)
+
+    assert_ok(cli(*common, "--max-steps", 20, "--no-include-prompt", "-o", "new.wav"))
+    assert sf.info(cli.work / "new.wav").frames == 17 * HOP
+    assert json.loads((cli.work / "new.wav.json").read_text())["audio_prompt"]["included"] is False
+
+    # --duration counts the new audio only
+    assert_ok(cli(*common, "--duration", 1, "-q", "-o", "dur.wav"))
+    assert sf.info(cli.work / "dur.wav").frames == (25 + 50) * HOP
+
+
+def test_unconditional(cli):
+    write_prompt_wav(cli.work / "riff.wav", channels=1)
+    common = ["--unconditional", "--model", TINY, "--max-steps", 20, "--seed", 9]
+    r = cli(*common)
+    assert_ok(r)
+    assert r.stdout.startswith("Saved unconditional.wav: 0.34 s")
+    assert sf.info(cli.work / "unconditional.wav").frames == 17 * HOP
+    meta = json.loads((cli.work / "unconditional.wav.json").read_text())
+    assert meta["prompt"] is None and meta["unconditional"] is True and meta["guidance"] is None
+    # again with the same seed: byte-identical; and an unconditional continuation
+    assert_ok(cli(*common, "-q", "-o", "again.wav"))
+    assert (cli.work / "again.wav").read_bytes() == (cli.work / "unconditional.wav").read_bytes()
+    assert_ok(cli(*common, "-q", "--audio-prompt", "riff.wav", "-o", "cont.wav"))
+    assert sf.info(cli.work / "cont.wav").frames == (25 + 17) * HOP
+
+
+def test_stereo_model(cli):
+    r = cli("--prompt", "wide pads", "--model", STEREO, "--max-steps", 40, "--seed", 1,
+            "--output", "stereo.wav")  # fmt: skip
+    assert_ok(r)
+    info = sf.info(cli.work / "stereo.wav")
+    assert (info.format, info.subtype, info.samplerate, info.channels, info.frames) == (
+        "WAV",
+        "PCM_16",
+        32000,
+        2,
+        37 * HOP,
+    )
+    left, right = sf.read(cli.work / "stereo.wav")[0].T
+    assert (left != right).any()  # two channels decoded from their own codebooks
+    meta = json.loads((cli.work / "stereo.wav.json").read_text())
+    assert (meta["channels"], meta["frames"], meta["samples"]) == (2, 37, 37 * HOP)
+
+
 @pytest.mark.skipif(sys.platform == "darwin", reason="Linux player lookup")
 def test_play(cli, tmp_path):
     bin_dir = tmp_path / "bin"
@@ -269,7 +370,22 @@ BAD = {
     "steps and duration": (["--prompt", "x", "--max-steps", "9", "--duration", "1"], "not both"),
     "zero duration": (["--prompt", "x", "--duration", "0"], "positive"),
     "negative duration": (["--prompt", "x", "--duration", "-2"], "positive"),
-    "duration beyond window": (["--prompt", "x", "--duration", "120"], "window"),
+    "absurd duration": (["--prompt", "x", "--duration", "99999"], "at most 3600 s"),
+    "stride without duration": (["--prompt", "x", "--extend-stride", "10"], "goes with --duration"),
+    "zero stride": (["--prompt", "x", "--duration", "50", "--extend-stride", "0"], "positive"),
+    "stride beyond window": (
+        ["--prompt", "x", "--duration", "50", "--extend-stride", "30"],
+        "less than this model's window of 30 s",
+    ),
+    "unconditional with prompt": (["--unconditional", "--prompt", "x"], "takes no --prompt"),
+    "unconditional with guidance": (["--unconditional", "--guidance", "2"], "no effect"),
+    "drop prompt without audio": (["--prompt", "x", "--no-include-prompt"], "--audio-prompt"),
+    "missing audio prompt": (["--prompt", "x", "--audio-prompt", "nope.wav"], "does not exist"),
+    "audio prompt not audio": (["--prompt", "x", "--audio-prompt", "blank.txt"], "cannot read"),
+    "audio prompt too long for steps": (
+        ["--prompt", "x", "--audio-prompt", "riff.wav", "--max-steps", "2030"],
+        "at most 2023 for this model after the 0.5 s audio prompt",
+    ),
     "top-k zero": (["--prompt", "x", "--top-k", "0"], "--top-k"),
     "top-p above one": (["--prompt", "x", "--top-p", "1.5"], "--top-p"),
     "top-p negative": (["--prompt", "x", "--top-p", "-0.1"], "--top-p"),
@@ -294,6 +410,7 @@ USAGE = 2
 def test_bad_input(cli, case):
     args, expect = BAD[case]
     (cli.work / "blank.txt").write_text("# only a comment\n\n")
+    write_prompt_wav(cli.work / "riff.wav")
     before = files(cli.work)
     r = cli(*args, "--model", TINY)
     assert r.returncode == USAGE, r.stderr
@@ -323,15 +440,73 @@ def test_bad_model(cli, tmp_path, case):
     assert not cache.exists() or files(cache) == []
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
+def without_dac_override() -> list[str]:
+    """As root: a command prefix that drops the capabilities which let root write anywhere."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")  # util-linux
+    if setpriv is None:
+        pytest.skip("running as root and util-linux setpriv is missing")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 def test_output_folder_not_writable(cli):
     locked = cli.work / "locked"
     locked.mkdir(mode=0o500)
+    wrap = without_dac_override()
     try:
-        r = cli("--prompt", "x", "--model", TINY, "--output-dir", locked)
-        assert r.returncode == USAGE and "not writable" in r.stderr
+        # the folder really refuses this user (root without CAP_DAC_OVERRIDE included)
+        probe = subprocess.run(
+            [*wrap, sys.executable, "-c", f"open({str(locked / 'probe')!r}, 'w')"],
+            capture_output=True,
+            text=True,
+        )
+        assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe.stderr
+        for args in (["--output-dir", locked], ["--output", locked / "x.wav"]):
+            r = cli("--prompt", "x", "--model", TINY, *args, wrap=wrap)
+            assert r.returncode == USAGE, r.stderr
+            assert r.stderr.count("\n") == 1, r.stderr
+            assert r.stderr.startswith("musicgen-cli: error: ") and "not writable" in r.stderr
+            assert r.stdout == "" and files(locked) == [] and files(cli.work) == ["locked"]
     finally:
         locked.chmod(0o700)
+
+
+def fake_hub_cache(root: Path, repo: str, config: dict) -> Path:
+    """A Hugging Face cache holding only `repo`'s config.json (as a download of it would leave)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def test_hub_repo_limits_checked_before_loading(cli, tmp_path):
+    """A repo id's step limits come from its cached config.json, else the published ones: bad
+    lengths are refused (exit 2) before any download, conversion or cache lookup of the weights."""
+    empty = tmp_path / "empty-hub"
+    empty.mkdir()
+    env = {"HF_HUB_CACHE": str(empty)}
+    for args, expect in (
+        (["--max-steps", 3000], "at most 2048"),
+        (["--max-steps", 2], "at least 4"),
+    ):
+        r = cli("--prompt", "x", "--model", "facebook/musicgen-small", *args, env=env)
+        assert r.returncode == USAGE and expect in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1
+    config = json.loads((TINY / "config.json").read_text())
+    config["decoder"]["max_position_embeddings"] = 64
+    env = {"HF_HUB_CACHE": str(fake_hub_cache(tmp_path / "hub", "someone/tiny", config))}
+    r = cli("--prompt", "x", "--model", "someone/tiny", "--max-steps", 100, env=env)
+    assert r.returncode == USAGE and "at most 64 for this model" in r.stderr, r.stderr
+    # within the cached config's limits: on to loading, which fails (no weights cached) with exit 1
+    r = cli("--prompt", "x", "--model", "someone/tiny", "--max-steps", 50, env=env)
+    assert r.returncode == 1 and "is not in the Hugging Face cache" in r.stderr, r.stderr
+    assert files(cli.work) == []
 
 
 def test_version_and_help(cli):
@@ -345,6 +520,10 @@ def test_version_and_help(cli):
         "--prompts-file",
         "--output-dir",
         "--duration",
+        "--extend-stride",
+        "--audio-prompt",
+        "--no-include-prompt",
+        "--unconditional",
         "--play",
         "--quantize",
     ):
@@ -354,14 +533,16 @@ def test_version_and_help(cli):
 # ------------------------------------------------------------------------------------ Ctrl+C
 
 
-def test_sigint_during_generation_leaves_nothing(cli):
-    """A real SIGINT while the decoder runs: exit 130, one short line, no files, no traceback."""
+def test_sigint_during_generation_leaves_nothing(cli, tmp_path):
+    """A real SIGINT while the decoder runs: exit 130, one short line, no files, no traceback, and
+    a conversion cache with its finished entry and no temporary folder."""
+    cache = tmp_path / "own-cache"  # converted by this run
     prompts = [a for i in range(4) for a in ("--prompt", f"prompt {i}")]
     proc = subprocess.Popen(
         [sys.executable, "-m", "apps.musicgen_cli", *prompts, "--model", str(TINY),
          "--max-steps", "2048", "--output", "long.wav"],
         cwd=cli.work,
-        env=cli.env_for(None),
+        env=cli.env_for({"MUSICGEN_MLX_CACHE": str(cache)}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         # a background job's SIGINT may be ignored by the shell that started pytest
@@ -387,6 +568,8 @@ def test_sigint_during_generation_leaves_nothing(cli):
     assert err.strip().splitlines()[-1].strip() == "musicgen-cli: interrupted"
     assert "Traceback" not in err and out == b""
     assert files(cli.work) == []
+    entries = files(cache)
+    assert entries and not [e for e in entries if e.startswith(".tmp-")], entries
 
 
 # ------------------------------------------------------------------------------------ convert, cache
