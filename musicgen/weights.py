@@ -406,8 +406,41 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _check_entry(entry: Path, verify: bool) -> dict:
-    """The entry's manifest, after checking every file's size (and sha256 when `verify`)."""
+VERIFIED_STAMP = "verified.json"
+
+
+def _file_states(entry: Path, files: dict) -> dict[str, list[int]]:
+    """[size, mtime_ns] of each of an entry's files (what a verified stamp records)."""
+    return {name: [(st := (entry / name).stat()).st_size, st.st_mtime_ns] for name in files}
+
+
+def _stamp_valid(entry: Path, files: dict) -> bool:
+    """Whether the entry's files were hashed since they were last written (same sizes and mtimes)."""
+    try:
+        stamp = json.loads((entry / VERIFIED_STAMP).read_text())
+        return stamp["files"] == _file_states(entry, files)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _write_stamp(entry: Path, files: dict) -> None:
+    """Record that every file of the entry matched its sha256 (atomically; best effort)."""
+    stamp = {"verified": time.time(), "files": _file_states(entry, files)}
+    tmp = entry / f".{VERIFIED_STAMP}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(json.dumps(stamp, indent=2))
+        tmp.replace(entry / VERIFIED_STAMP)
+    except OSError as e:  # a read-only cache: verified again next time
+        logger.debug("cannot stamp %s as verified: %s", entry, e)
+        tmp.unlink(missing_ok=True)
+
+
+def _check_entry(entry: Path, verify: bool | None) -> dict:
+    """The entry's manifest, after checking every file's size and, by `verify`, its sha256.
+
+    verify=True: hash every file; None: hash unless a verified stamp matches the files' current sizes
+    and mtimes (i.e. once per entry), then stamp it; False: sizes only.
+    """
     try:
         manifest = json.loads((entry / "manifest.json").read_text())
         files = manifest["files"]
@@ -419,12 +452,18 @@ def _check_entry(entry: Path, verify: bool) -> dict:
         path = entry / name
         if not path.is_file() or path.stat().st_size != meta["size"]:
             raise WeightsError(f"{entry}: {name} is missing or truncated")
-        if verify and _sha256(path) != meta["sha256"]:
-            raise WeightsError(f"{entry}: {name} fails its sha256 check")
+    stamped = verify is not True and _stamp_valid(entry, files)
+    if verify or (verify is None and not stamped):
+        for name, meta in files.items():
+            if _sha256(entry / name) != meta["sha256"]:
+                raise WeightsError(f"{entry}: {name} fails its sha256 check")
+        _write_stamp(entry, files)
+        stamped = True
+    manifest["verified"] = stamped
     return manifest
 
 
-def _load_entry(entry: Path, verify: bool) -> tuple[dict, dict[str, dict[str, mx.array]]]:
+def _load_entry(entry: Path, verify: bool | None) -> tuple[dict, dict[str, dict[str, mx.array]]]:
     manifest = _check_entry(entry, verify)
     weights = {}
     for component in COMPONENTS:
@@ -519,8 +558,10 @@ def load_converted(
     `sanitizers[component]`. The decoder is cast to `dtype` (then `quantizer` is applied when
     `quantize` is set); the encoders stay float32 unless `cast_encoders`. The returned config has
     `_converted_path` (the cache entry folder: config, tokenizer files and weights) and, when
-    quantized, `quantization` = `quantize`. `verify` re-hashes the cached files (sizes are always
-    checked). A truncated or corrupt entry is rebuilt; an entry for an older source is never used.
+    quantized, `quantization` = `quantize`. Sizes are always checked; the sha256 of every cached file
+    is checked on the first load of an entry (then a verified stamp is kept, invalidated when a file's
+    size or mtime changes), and on every load with `verify=True`. A truncated or corrupt entry is
+    rebuilt; an entry for an older source is never used.
     """
     dtype_name = _dtype_name(dtype)
     if quantize is not None and quantizer is None:
@@ -551,7 +592,7 @@ def load_converted(
         identity = {"repo": model, "commit": commit}
     if identity.get("commit", True):  # a hub repo whose commit is unknown can't be looked up
         entry = root / _entry_name(name, _cache_key(identity, options))
-        hit = _try_entry(entry, verify)
+        hit = _try_entry(entry, verify or None)
         if hit:
             return hit
 
@@ -559,7 +600,7 @@ def load_converted(
         folder = resolve_model_path(model, revision=revision, token=token, progress=progress)
         identity = {"repo": model, "commit": folder.name}
     entry = root / _entry_name(name, _cache_key(identity, options))
-    hit = _try_entry(entry, verify)
+    hit = _try_entry(entry, verify or None)
     if hit:
         return hit
 
@@ -602,7 +643,7 @@ def load_converted(
     return _load_entry(entry, verify=False)
 
 
-def _try_entry(entry: Path, verify: bool):
+def _try_entry(entry: Path, verify: bool | None):
     if not entry.exists():
         return None
     try:
@@ -623,7 +664,8 @@ def _remove_superseded(root: Path, entry: Path, manifest: dict) -> None:
 
 
 def cache_entries(cache_dir: str | Path | None = None, verify: bool = False) -> list[dict]:
-    """The conversion cache's entries: each manifest plus `path`, `size` (bytes), `ok` and `error`."""
+    """The conversion cache's entries: each manifest plus `path`, `size` (bytes), `ok`, `error` and
+    `verified` (hashed since last written). `verify` hashes every entry's files (and stamps them)."""
     root = cache_root(cache_dir)
     entries = []
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
@@ -633,7 +675,7 @@ def cache_entries(cache_dir: str | Path | None = None, verify: bool = False) -> 
             info = _check_entry(entry, verify)
             info.update(ok=True, error=None)
         except WeightsError as e:
-            info = {"ok": False, "error": str(e)}
+            info = {"ok": False, "error": str(e), "verified": False}
         size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
         entries.append({**info, "path": str(entry), "size": size})
     return entries

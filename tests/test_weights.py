@@ -462,6 +462,7 @@ def test_conversion_cache_hit_split_and_dtypes(tmp_path):
                 parts["text_encoder"])  # fmt: skip
     for name in ("manifest.json", "config.json", "spiece.model", "decoder.safetensors"):
         assert (entry / name).is_file()
+    assert not (entry / W.VERIFIED_STAMP).exists()  # written, never verified yet
     mtimes = {f.name: f.stat().st_mtime_ns for f in entry.iterdir()}
 
     config2, parts2 = W.load_converted(
@@ -469,7 +470,10 @@ def test_conversion_cache_hit_split_and_dtypes(tmp_path):
     )
     assert all(s.calls == 1 for s in spies.values())  # a hit: nothing converted again
     assert config2["_converted_path"] == str(entry)
-    assert mtimes == {f.name: f.stat().st_mtime_ns for f in entry.iterdir()}
+    assert (entry / W.VERIFIED_STAMP).is_file()  # the first hit checked the sha256s
+    assert mtimes == {
+        f.name: f.stat().st_mtime_ns for f in entry.iterdir() if f.name != W.VERIFIED_STAMP
+    }
     assert_same(parts["decoder"], parts2["decoder"])
 
     _, cast = W.load_converted(
@@ -506,15 +510,31 @@ def test_conversion_cache_stale_and_corrupt_entries_are_rebuilt(tmp_path):
     third, again = load()
     assert spy.calls == 3 and third == second
     assert_same(parts["decoder"], again["decoder"])
-    # a flipped byte (same size) is caught by verify=True
-    data = bytearray(decoder.read_bytes())
-    data[-1] ^= 0xFF
-    decoder.write_bytes(bytes(data))
+    # a flipped byte (same size) in a freshly written, never loaded entry: the first load checks the
+    # sha256s, so it is caught and the entry rebuilt
+    flip_last_byte(decoder)
+    assert W.cache_entries(cache)[0]["ok"]  # sizes only: not seen
+    fourth, again = load()
+    assert spy.calls == 4 and fourth == second
+    assert_same(parts["decoder"], again["decoder"])
+    assert not W.cache_entries(cache)[0]["verified"]  # the rebuilt entry is not verified yet
     load()
-    assert spy.calls == 3
+    assert spy.calls == 4 and W.cache_entries(cache)[0]["verified"]
+    # once verified, a load checks sizes and the stamp (sizes and mtimes), and hashes nothing; a file
+    # rewritten since (its mtime changed) is hashed again, caught and rebuilt
+    flip_last_byte(decoder)
+    load()
+    assert spy.calls == 5
+    load()  # (verifies and stamps the rebuilt entry)
+    # what is not caught without verify=True: a verified file changed in place with its mtime kept
+    # (silent disk corruption)
+    flip_last_byte(decoder, keep_mtime=True)
+    load()
+    assert spy.calls == 5
+    assert W.cache_entries(cache)[0]["ok"]
     assert not W.cache_entries(cache, verify=True)[0]["ok"]
     load(verify=True)
-    assert spy.calls == 4 and W.cache_entries(cache, verify=True)[0]["ok"]
+    assert spy.calls == 6 and W.cache_entries(cache, verify=True)[0]["ok"]
     # a leftover temp folder from a crash is ignored, and cleared by clear_cache()
     (cache / ".tmp-crashed").mkdir()
     assert len(W.cache_entries(cache)) == 1
@@ -522,6 +542,54 @@ def test_conversion_cache_stale_and_corrupt_entries_are_rebuilt(tmp_path):
     assert W.clear_cache(cache, model=src) == 1
     load()
     assert W.clear_cache(cache) == 1 and not any(cache.iterdir())
+
+
+def flip_last_byte(path: Path, keep_mtime: bool = False) -> None:
+    """Corrupt a file in place (same size); its mtime kept, or moved 1 s on (so it surely changes)."""
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    mtime = stat.st_mtime_ns + (0 if keep_mtime else 10**9)
+    os.utime(path, ns=(stat.st_atime_ns, mtime))
+
+
+def test_first_load_verifies_once_then_loads_stay_fast(tmp_path, monkeypatch):
+    hashed = []
+    sha256 = W._sha256
+    monkeypatch.setattr(W, "_sha256", lambda path: hashed.append(path.name) or sha256(path))
+    config, _ = W.load_converted(MONO, cache_dir=tmp_path, progress=False)
+    entry = Path(config["_converted_path"])
+    files = json.loads((entry / "manifest.json").read_text())["files"]
+    assert sorted(hashed) == sorted(files)  # at write time
+    hashed.clear()
+    W.load_converted(MONO, cache_dir=tmp_path, progress=False)
+    assert sorted(hashed) == sorted(files)  # the first load: every file once
+    stamp = json.loads((entry / W.VERIFIED_STAMP).read_text())
+    assert sorted(stamp["files"]) == sorted(files)
+    hashed.clear()
+    for _ in range(2):
+        W.load_converted(MONO, cache_dir=tmp_path, progress=False)
+        assert W.cache_entries(tmp_path)[0]["verified"]
+    assert hashed == []  # later loads (and listings) hash nothing
+    W.load_converted(MONO, cache_dir=tmp_path, verify=True, progress=False)
+    assert sorted(hashed) == sorted(files)
+    # a touched file invalidates the stamp: hashed again on the next load (and found intact)
+    hashed.clear()
+    os.utime(entry / "config.json", ns=(1, 1))
+    assert not W.cache_entries(tmp_path)[0]["verified"]
+    W.load_converted(MONO, cache_dir=tmp_path, progress=False)
+    assert sorted(hashed) == sorted(files) and W.cache_entries(tmp_path)[0]["verified"]
+    # a read-only cache still loads (verified each time, since the stamp cannot be written)
+    (entry / W.VERIFIED_STAMP).unlink()
+
+    def read_only(*args, **kwargs):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    _, weights = W.load_converted(MONO, cache_dir=tmp_path, progress=False)
+    assert weights["decoder"] and not (entry / W.VERIFIED_STAMP).exists()
+    assert not any(f.name.startswith(".") for f in entry.iterdir())
 
 
 def test_quantizer_hook_is_part_of_the_key(tmp_path):
@@ -566,3 +634,63 @@ def test_converted_2023_bin_equals_converted_safetensors_with_the_real_sanitizer
     for component in W.COMPONENTS:
         assert sorted(new[component]) == sorted(old[component]), component
         assert_same(new[component], old[component])
+
+
+# ---------------------------------------------------------------- every format: identical outputs
+
+FORMATS = ("safetensors", "sharded-safetensors", "bin", "sharded-bin")
+
+
+def write_checkpoint(folder: Path, source: Path, fmt: str) -> None:
+    """`source`'s tensors (names and dtypes as they are) and its config/tokenizer files, in `fmt`."""
+    folder.mkdir()
+    for aux in (*W.CONFIG_FILES, *W.TOKENIZER_FILES):
+        if (source / aux).exists():
+            shutil.copyfile(source / aux, folder / aux)
+    tensors = W.load_state_dict(source)
+    names = sorted(tensors)
+    parts = [names[::2], names[1::2]] if fmt.startswith("sharded") else [names]
+    ext = "safetensors" if fmt.endswith("safetensors") else "bin"
+    stem = "model" if ext == "safetensors" else "pytorch_model"
+    files = (
+        [f"{stem}-{i + 1:05d}-of-{len(parts):05d}.{ext}" for i in range(len(parts))]
+        if len(parts) > 1
+        else [f"{stem}.{ext}"]
+    )
+    for file, part in zip(files, parts, strict=True):
+        if ext == "safetensors":
+            mx.save_safetensors(str(folder / file), {n: tensors[n] for n in part})
+        else:
+            write_torch_zip(
+                folder / file, *fake_state_dict({n: np.array(tensors[n]) for n in part})
+            )
+    if len(parts) > 1:
+        index = {
+            "metadata": {"total_size": sum(tensors[n].nbytes for n in names)},
+            "weight_map": {n: f for f, part in zip(files, parts, strict=True) for n in part},
+        }
+        (folder / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("names", ["2023", "transformers5"])
+def test_every_format_gives_the_expected_greedy_tokens(tmp_path, fmt, names):
+    """Single and sharded safetensors and .bin, with 2023 names (weight_g/v, fp16, transformers 4.31
+    config) or transformers-5 names (fp32): MusicGen's greedy tokens equal transformers'."""
+    from musicgen import MusicGen
+
+    source = OLD if names == "2023" else MONO
+    folder = tmp_path / "model"
+    write_checkpoint(folder, source, fmt)
+    fmt_found, files = W.weight_files(folder)
+    assert fmt_found == ("safetensors" if fmt.endswith("safetensors") else "bin")
+    assert len(files) == (2 if fmt.startswith("sharded") else 1)
+    got = W.load_state_dict(folder)
+    assert any(n.endswith(".weight_g") for n in got) == (names == "2023")
+    assert_same(W.load_state_dict(source), got)
+
+    prompts = json.loads((FIXTURES / "expected" / "prompts.json").read_text())
+    expected = np.load(FIXTURES / "expected" / "generate.npz")["batch_tokens"]
+    model = MusicGen.from_pretrained(folder, dtype=mx.float32, progress=False)
+    tokens = model.generate_tokens(prompts[:2], max_steps=40, top_k=1, guidance_coef=3.0)
+    np.testing.assert_array_equal(np.array(tokens), expected)
