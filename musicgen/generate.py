@@ -147,21 +147,21 @@ def generate_tokens(
     if keys is not None:
         mx.eval(keys)
 
-    tokens = mx.full((rows, k, 1), config.bos_token_id, dtype=mx.int32)
+    tokens = mx.full((rows, k), config.bos_token_id, dtype=mx.int32)  # the next step's input
     outputs = []
     if start:  # prefill: bos and the delayed prompt up to position start - 1, in one forward
         outputs = [fill[s] for s in range(start)]
         known = fill[: start - 1].transpose(1, 2, 0)
         known = mx.concatenate([known, known], axis=0) if cfg else known
-        decoder(mx.concatenate([tokens, known], axis=-1), cross, cache, 0)
-        tokens = (mx.concatenate([outputs[-1]] * 2, axis=0) if cfg else outputs[-1])[..., None]
+        decoder(mx.concatenate([tokens[..., None], known], axis=-1), cross, cache, 0)
+        tokens = mx.concatenate([outputs[-1]] * 2, axis=0) if cfg else outputs[-1]
         mx.eval(tokens, [(c.keys, c.values) for c in cache])
+    step_fn = decoder.token_step(cross, cache)  # compiled single-token step, parameters gathered
     show = max_steps - start >= 100 if progress is None else progress
     bar = tqdm(total=max_steps - start, unit="step", disable=not show, leave=False)
     try:
         for step in range(start, max_steps):
-            # an int offset: attention reads the filled part of the cache only
-            logits = decoder(tokens, cross, cache, step)[:, :, -1].astype(mx.float32)
+            logits = step_fn(tokens, step)  # attention reads the filled part of the cache only
             if cfg:
                 cond, uncond = logits[:batch], logits[batch:]
                 logits = uncond + (cond - uncond) * guidance_coef
@@ -174,7 +174,7 @@ def generate_tokens(
                 temperature=temperature,
             )
             nxt = mx.where(valid[step], nxt.reshape(batch, k), fill[step])
-            tokens = (mx.concatenate([nxt, nxt], axis=0) if cfg else nxt)[..., None]
+            tokens = mx.concatenate([nxt, nxt], axis=0) if cfg else nxt
             mx.async_eval(tokens)
             if outputs:
                 mx.eval(outputs[-1])  # pace the host one step behind the device

@@ -118,6 +118,26 @@ class CrossState:
     mask: mx.array | None  # bool (batch, 1, 1, src_len), True = attend
 
 
+def linear(p: dict, x: mx.array, quantization: tuple[int, int] | None = None) -> mx.array:
+    """x (rows, in) through a linear layer's parameters `p` -> (rows, out).
+
+    Float weights run as W @ x^T: for a few rows that is the matrix-vector form the CPU BLAS streams
+    fastest (about 20 % faster than x @ W^T at 2 rows with OpenBLAS).
+    """
+    if "scales" in p:
+        group_size, bits = quantization
+        y = mx.quantized_matmul(
+            x, p["weight"], p["scales"], p["biases"], True, group_size=group_size, bits=bits
+        )
+    else:
+        y = (p["weight"] @ x.T).T
+    return y + p["bias"] if "bias" in p else y
+
+
+def layer_norm(p: dict, x: mx.array) -> mx.array:
+    return mx.fast.layer_norm(x, p["weight"], p["bias"], 1e-5)
+
+
 def single_query_attention(q: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
     """Attention of one query per head (batch, heads, 1, d) over keys/values (batch, heads, len, d).
 
@@ -197,6 +217,86 @@ class DecoderLayer(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
+class TokenStep:
+    """One decoder step for one new token per row (generation), with fixed-shape work compiled.
+
+    Per layer: a compiled block (layer norm, Q/K/V projections), the in-place cache write and the
+    attention over the filled cache (its length grows every step, so it stays uncompiled), and a
+    compiled block for the rest (output projection, cross-attention, feed-forward). Parameters are
+    gathered once, when the step is built for a generation.
+    """
+
+    def __init__(self, decoder: MusicgenDecoder, cross: CrossState, cache: list[KVCache]):
+        c = decoder.config
+        heads, dims = c.num_attention_heads, c.hidden_size
+        head_dim = dims // heads
+        scale = head_dim**-0.5
+        act = ACTIVATIONS[c.activation_function]
+        quant = (
+            None if decoder.quant_bits is None else (decoder.quant_group_size, decoder.quant_bits)
+        )
+
+        def attention_in(p: dict, x: mx.array):
+            rows = x.shape[0]
+            h = layer_norm(p["self_attn_layer_norm"], x)
+            a = p["self_attn"]
+
+            def split(y):
+                return y.reshape(rows, heads, 1, head_dim)
+
+            q = split(linear(a["q_proj"], h, quant) * scale)
+            return q, split(linear(a["k_proj"], h, quant)), split(linear(a["v_proj"], h, quant))
+
+        def attention_out(p: dict, x, attn, cross_k, cross_v, cross_mask):
+            rows = x.shape[0]
+            x = x + linear(p["self_attn"]["out_proj"], attn.reshape(rows, dims), quant)
+            h = layer_norm(p["encoder_attn_layer_norm"], x)
+            e = p["encoder_attn"]
+            q = linear(e["q_proj"], h, quant).reshape(rows, heads, 1, head_dim) * scale
+            scores = mx.where(cross_mask, q @ cross_k.swapaxes(-1, -2), -mx.inf)
+            weights = mx.softmax(scores, axis=-1, precise=True)
+            attn = (weights @ cross_v).reshape(rows, dims)
+            x = x + linear(e["out_proj"], attn, quant)
+            h = layer_norm(p["final_layer_norm"], x)
+            return x + linear(p["fc2"], act(linear(p["fc1"], h, quant)), quant)
+
+        def embed(tables: list[mx.array], tokens: mx.array, position: mx.array) -> mx.array:
+            x = position
+            for k, table in enumerate(tables):
+                x = x + table[tokens[:, k]]
+            return x
+
+        def logits(norm: dict, lm_heads: list[dict], x: mx.array) -> mx.array:
+            h = layer_norm(norm, x)
+            return mx.stack([linear(p, h, quant) for p in lm_heads], axis=1).astype(mx.float32)
+
+        self._attention_in = mx.compile(attention_in)
+        self._attention_out = mx.compile(attention_out)
+        self._embed = mx.compile(embed)
+        self._logits = mx.compile(logits)
+        self.layers = [layer.parameters() for layer in decoder.layers]
+        self.tables = [e.weight for e in decoder.embed_tokens]
+        self.norm = decoder.layer_norm.parameters()
+        self.lm_heads = [h.parameters() for h in decoder.lm_heads]
+        self.positions = decoder._positions.astype(decoder.dtype)
+        rows = cache[0].keys.shape[0]
+        mask = cross.mask
+        if mask is None:
+            mask = mx.ones((rows, 1, 1, cross.kv[0][0].shape[2]), dtype=mx.bool_)
+        self.cross = [(k, v, mask) for k, v in cross.kv]
+        self.cache = cache
+
+    def __call__(self, tokens: mx.array, offset: int) -> mx.array:
+        """Logits (rows, codebooks, vocab) in float32 for tokens (rows, codebooks) at position offset."""
+        x = self._embed(self.tables, tokens, self.positions[offset])
+        for p, cache, cross in zip(self.layers, self.cache, self.cross, strict=True):
+            q, k, v = self._attention_in(p, x)
+            keys, values = cache.update(k, v, offset)
+            weights = mx.softmax(q @ keys.swapaxes(-1, -2), axis=-1, precise=True)
+            x = self._attention_out(p, x, weights @ values, *cross)
+        return self._logits(self.norm, self.lm_heads, x)
+
+
 class MusicgenDecoder(nn.Module):
     """Token embeddings summed over codebooks, sinusoidal positions, decoder layers, one LM head per codebook."""
 
@@ -211,6 +311,8 @@ class MusicgenDecoder(nn.Module):
         if config.has_enc_to_dec_proj:
             self.enc_to_dec_proj = nn.Linear(config.encoder_hidden_size, dims)
         self._positions = sinusoidal_positions(config.max_position_embeddings, dims)
+        self.quant_bits: int | None = None  # set by quantize_decoder
+        self.quant_group_size: int | None = None
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -243,6 +345,10 @@ class MusicgenDecoder(nn.Module):
             KVCache(batch, c.num_attention_heads, max_len, head_dim, self.dtype)
             for _ in self.layers
         ]
+
+    def token_step(self, cross: CrossState, cache: list[KVCache]) -> TokenStep:
+        """The fast single-token step of a generation over `cross` and `cache`."""
+        return TokenStep(self, cross, cache)
 
     def embed(self, tokens: mx.array) -> mx.array:
         """Sum of the per-codebook embeddings of tokens (batch, codebooks, len) -> (batch, len, dims)."""
@@ -359,4 +465,5 @@ def quantize_decoder(
         return isinstance(m, nn.Linear) and _quantizable(path, m.weight.shape, group_size)
 
     nn.quantize(decoder, group_size=group_size, bits=bits, class_predicate=predicate)
+    decoder.quant_bits, decoder.quant_group_size = bits, group_size
     return decoder

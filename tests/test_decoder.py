@@ -69,6 +69,36 @@ def test_incremental_decoding_with_cache_matches_full_forward(mono, teacher_forc
     assert rel_err(np.concatenate([chunk, *rest], axis=2), full) <= 1e-5
 
 
+def token_step_logits(decoder, tokens, cross) -> np.ndarray:
+    """Logits of every position through the generation step (TokenStep), one token at a time."""
+    cache = decoder.make_cache(tokens.shape[0], tokens.shape[-1] + 3)
+    step = decoder.token_step(cross, cache)
+    logits = [np.array(step(tokens[:, :, i], i)) for i in range(tokens.shape[-1])]
+    return np.stack(logits, axis=2)
+
+
+def test_token_step_matches_full_forward(mono, teacher_forced):
+    """The compiled generation step (padded text mask, an unconditional all-zero-mask row) equals
+    the teacher-forced forward, which equals transformers."""
+    d = teacher_forced
+    states, mask = text_states([0, 1], d["attention_mask"])
+    states = mx.concatenate([states, mx.zeros_like(states)])
+    mask = mx.concatenate([mask, mx.zeros_like(mask)])
+    cross = mono.cross_states(states, mask)
+    tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)
+    tokens = mx.concatenate([tokens, tokens])
+    full = np.array(mono(tokens, cross))
+    steps = token_step_logits(mono, tokens, cross)
+    assert steps.dtype == np.float32 and steps.shape == full.shape
+    assert rel_err(steps, full) <= 1e-5
+    assert rel_err(steps[:2], d["logits"].reshape(2, 4, 8, -1)) <= 1e-4
+    # no mask at all (None) is the same as an all-ones mask
+    ones = mono.cross_states(states[:1], None)
+    assert (
+        rel_err(token_step_logits(mono, tokens[:1], ones), np.array(mono(tokens[:1], ones))) <= 1e-5
+    )
+
+
 def test_cache_is_preallocated_and_written_in_place(mono):
     cache = mono.make_cache(3, 10)
     c = mono.config
@@ -159,6 +189,8 @@ def test_float16_decoder_stays_close(teacher_forced):
     cross = half.cross_states(*text_states([0, 1], d["attention_mask"]))
     logits = half(mx.array(d["decoder_input_ids"]).reshape(2, 4, -1), cross)
     assert rel_err(logits.astype(mx.float32), d["logits"].reshape(2, 4, 8, -1)) <= 2e-2
+    tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)
+    assert rel_err(token_step_logits(half, tokens, cross), logits.astype(mx.float32)) <= 1e-2
 
 
 def test_quantized_decoder_stays_close():
@@ -189,5 +221,9 @@ def test_quantized_decoder_stays_close():
     out = decoder(tokens, decoder.cross_states(states, mask))
     assert rel_err(out, ref) <= 2e-2
     assert rel_err(loaded(tokens, loaded.cross_states(states, mask)), out) <= 1e-6
+    # the generation step runs the quantized layers too (and reports what they are)
+    assert (decoder.quant_group_size, decoder.quant_bits) == (64, 8)
+    cross = decoder.cross_states(states, mask)
+    assert rel_err(token_step_logits(decoder, tokens, cross), out) <= 1e-5
     with pytest.raises(ValueError):
         quantize_decoder(decoder, 3)
