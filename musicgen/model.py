@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -188,8 +189,28 @@ class Attention(nn.Module):
         return self.attend(x, keys, values, mask)
 
 
+@partial(mx.compile, shapeless=True)
+def gelu(x: mx.array) -> mx.array:
+    """Exact (erf) GELU with a rational float32 erf (Eigen's; within 2 ulp of erf).
+
+    MLX's CPU erf is scalar (~23 ns per element): this fused form is ~6x faster, a few percent of a
+    decoder step.
+    """
+    y = x.astype(mx.float32) * 0.7071067811865476
+    y = mx.clip(y, -4.0, 4.0)
+    y2 = y * y
+    p = y2 * -2.72614225801306e-10 + 2.77068142495902e-08
+    for c in (-2.10102402082508e-06, -5.69250639462346e-05, -7.34990630326855e-04):
+        p = p * y2 + c
+    p = (p * y2 + -2.95459980854025e-03) * y2 + -1.60960333262415e-02
+    q = y2 * -1.45660718464996e-05 + -2.13374055278905e-04
+    for c in (-1.68282697438203e-03, -7.37332916720468e-03, -1.42647390514189e-02):
+        q = q * y2 + c
+    return (x * (1 + y * p / q) * 0.5).astype(x.dtype)
+
+
 ACTIVATIONS = {
-    "gelu": nn.gelu,
+    "gelu": gelu,
     "gelu_new": nn.gelu_approx,
     "gelu_pytorch_tanh": nn.gelu_approx,
     "relu": nn.relu,
@@ -292,9 +313,40 @@ class TokenStep:
         for p, cache, cross in zip(self.layers, self.cache, self.cross, strict=True):
             q, k, v = self._attention_in(p, x)
             keys, values = cache.update(k, v, offset)
-            weights = mx.softmax(q @ keys.swapaxes(-1, -2), axis=-1, precise=True)
-            x = self._attention_out(p, x, weights @ values, *cross)
+            x = self._attention_out(p, x, self._self_attention(q, keys, values), *cross)
         return self._logits(self.norm, self.lm_heads, x)
+
+    def _self_attention(self, q: mx.array, keys: mx.array, values: mx.array) -> mx.array:
+        """Single-query attention over the filled cache; on the CPU half the rows run on a second stream.
+
+        Each head's products are small matrix-vector products that the BLAS runs on one thread, so
+        the second core would idle: splitting the rows (e.g. the two CFG halves) over two CPU streams
+        makes the attention of a long cache almost twice as fast.
+        """
+        half = q.shape[0] // 2
+        side = _side_stream()
+        if half == 0 or side is None:
+            return _attend_one(q, keys, values)
+        with mx.stream(side):
+            second = _attend_one(q[half:], keys[half:], values[half:])
+        return mx.concatenate([_attend_one(q[:half], keys[:half], values[:half]), second])
+
+
+def _attend_one(q: mx.array, keys: mx.array, values: mx.array) -> mx.array:
+    """softmax(q K^T) V for one (pre-scaled) query per head: (rows, heads, 1, head_dim)."""
+    return mx.softmax(q @ keys.swapaxes(-1, -2), axis=-1, precise=True) @ values
+
+
+_SIDE_STREAM: list = []
+
+
+def _side_stream() -> mx.Stream | None:
+    """A second CPU stream (created once) when running on the CPU, else None."""
+    if mx.default_device() != mx.cpu:
+        return None
+    if not _SIDE_STREAM:
+        _SIDE_STREAM.append(mx.new_stream(mx.cpu))
+    return _SIDE_STREAM[0]
 
 
 class MusicgenDecoder(nn.Module):
