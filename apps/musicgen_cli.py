@@ -508,11 +508,12 @@ def plan_length(args, lim: Limits, prompt_frames: int = 0) -> Plan:
         from musicgen.generate import sliding_windows
 
         window_s = lim.window / fr
-        stride = int((DEFAULT_STRIDE if args.extend_stride is None else args.extend_stride) * fr)
+        stride_s = DEFAULT_STRIDE if args.extend_stride is None else args.extend_stride
+        stride = int(stride_s * fr)
         if not 0 < stride < lim.window:
             raise UsageError(
                 f"--extend-stride must be at least {1 / fr:g} s and less than this model's window "
-                f"of {window_s:g} s, got {args.extend_stride:g}"
+                f"of {window_s:g} s, got {stride_s:g}"
             )
         if prompt_frames >= lim.window:
             raise UsageError(
