@@ -175,7 +175,7 @@ class ELU(nn.Module):
 
     def pieces(self, x: mx.array) -> list[mx.array]:
         """ELU of x as consecutive chunks of time (for a caller that concatenates anyway)."""
-        if x.size < 1 << 22 or mx.default_device() != mx.cpu or x.shape[1] < 2:
+        if x.size < _SPLIT_ELEMENTS or mx.default_device() != mx.cpu or x.shape[1] < 2:
             return [_elu(x)]
         # MLX's CPU element-wise ops are single-threaded: the two halves of time run on two streams
         half = x.shape[1] // 2
@@ -191,6 +191,7 @@ def _elu(x: mx.array) -> mx.array:
 
 
 _STREAMS: list = []
+_SPLIT_ELEMENTS = 1 << 20  # 4 MiB: decoding in chunks keeps the split for the 128-channel layers
 
 
 def _cpu_streams() -> list:
@@ -221,6 +222,10 @@ class EncodecConv1d(nn.Module):
             self.norm = nn.GroupNorm(1, out_ch, pytorch_compatible=True)
         self.kernel = (kernel_size - 1) * dilation + 1
         self.padding_total = self.kernel - stride
+        # stride 1: output i reads inputs i - left ... i + right, spread = max(left, right)
+        self.spread = (
+            self.padding_total if self.causal else self.padding_total - self.padding_total // 2
+        )
 
     def __call__(self, x: mx.array, act: ELU | None = None) -> mx.array:
         length = x.shape[1]
@@ -381,9 +386,62 @@ class EncodecDecoder(nn.Module):
             scale //= 2
         layers += [ELU(), EncodecConv1d(c, c.num_filters, c.audio_channels, c.last_kernel_size)]
         self.layers = layers
+        self.hop_length = c.hop_length
+        self.local_after_lstm = c.norm_type != "time_group_norm"  # that norm pools over all of time
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return _apply(self.layers, x)
+    def __call__(self, x: mx.array, chunk_frames: int | None = None) -> mx.array:
+        """Decode embeddings; with `chunk_frames`, everything after the LSTM runs chunk by chunk.
+
+        The first convolution and the LSTM run over the whole sequence (frame rate, small). The rest of
+        the stack is local, so it runs over chunks of about `chunk_frames` frames, each with a halo of
+        `halo_frames()` frames of context on each side (none at the true ends of the sequence, where the
+        layers' own padding applies as unchunked); only each chunk's central samples are kept, and each
+        chunk is evaluated before the next, so the audio-rate activations of one chunk at a time are
+        alive. The result equals the unchunked decode: every kept sample sees the same inputs.
+        """
+        frames = x.shape[1]
+        if not chunk_frames or frames <= chunk_frames or not self.local_after_lstm:
+            return _apply(self.layers, x)
+        h = _apply(self.layers[:2], x)  # first conv + LSTM
+        mx.eval(h)
+        halo, hop = self.halo_frames(), self.hop_length
+        n_chunks = -(-frames // chunk_frames)
+        bounds = [round(i * frames / n_chunks) for i in range(n_chunks + 1)]
+        pieces = []
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            lo, hi = max(0, start - halo), min(frames, stop + halo)
+            y = _apply(self.layers[2:], h[:, lo:hi])
+            y = y[:, (start - lo) * hop : (stop - lo) * hop]
+            mx.eval(y)
+            pieces.append(y)
+        return mx.concatenate(pieces, axis=1)
+
+    def receptive_margin(self) -> int:
+        """Output samples next to a chunk's edge that can differ from the unchunked decode.
+
+        The layers after the LSTM, walked forward from an exact input cut at a chunk edge: a stride-1
+        convolution with padding (left, right) spreads an inexact zone of e samples to e + max(left,
+        right) (its output i reads inputs i - left ... i + right); a transposed convolution with stride
+        s, trimmed (left, right), to e * s + max(left, right) (the cut-off input frames contribute to
+        the first `right` and last `left` samples); a residual block adds its convolutions' spreads (the
+        shortcut is pointwise); an ELU is pointwise.
+        """
+        zone = 0
+        for layer in self.layers[2:]:
+            if isinstance(layer, EncodecConvTranspose1d):
+                zone = zone * layer.conv.stride + max(layer.trim_left, layer.trim_right)
+            elif isinstance(layer, EncodecConv1d) and layer.stride == 1:
+                zone += layer.spread
+            elif isinstance(layer, EncodecResnetBlock):
+                convs = [*layer.block, layer.shortcut] if "shortcut" in layer else layer.block
+                zone += sum(m.spread for m in convs if isinstance(m, EncodecConv1d))
+            elif not isinstance(layer, ELU):
+                raise TypeError(f"non-local layer after the LSTM: {type(layer).__name__}")
+        return zone
+
+    def halo_frames(self) -> int:
+        """Frames of context a chunk needs on each side (see __call__): the receptive margin in frames."""
+        return -(-self.receptive_margin() // self.hop_length)
 
 
 class EncodecCodebook(nn.Module):
@@ -440,6 +498,7 @@ class EncodecModel(nn.Module):
         self.encoder = EncodecEncoder(config)
         self.decoder = EncodecDecoder(config)
         self.quantizer = EncodecQuantizer(config)
+        self.decode_chunk_frames = 200
 
     @property
     def sampling_rate(self) -> int:
@@ -475,9 +534,18 @@ class EncodecModel(nn.Module):
         embeddings = self.encoder(audio.astype(self.quantizer.layers[0].embed.dtype))
         return self.quantizer.encode(embeddings, self.num_codebooks_for_bandwidth(bandwidth))
 
-    def decode(self, codes: mx.array) -> mx.array:
-        """Int32 codes (batch, num_codebooks, frames) -> float32 audio (batch, frames * hop, channels)."""
-        return self.decoder(self.quantizer.decode(codes)).astype(mx.float32)
+    def decode(self, codes: mx.array, chunk_frames: int | None = None) -> mx.array:
+        """Int32 codes (batch, num_codebooks, frames) -> float32 audio (batch, frames * hop, channels).
+
+        Inputs longer than `chunk_frames` (default `decode_chunk_frames`; 0: never) are decoded in
+        chunks after the LSTM (see `EncodecDecoder.__call__`; each chunk is evaluated as it goes): the
+        same result, with the audio-rate activations of one chunk alive at a time instead of the whole
+        sequence's (30 s: about 0.3 instead of 2.1 GiB above the weights at musicgen-small's widths).
+        """
+        if chunk_frames is None:
+            chunk_frames = self.decode_chunk_frames
+        audio = self.decoder(self.quantizer.decode(codes), chunk_frames)
+        return audio.astype(mx.float32)
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:

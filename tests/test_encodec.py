@@ -345,3 +345,91 @@ def test_decode_peak_memory_is_linear_in_length(widths, frames):
     small, large = peak(frames), peak(4 * frames)
     assert small > 4 * frames * 640 * 4  # several times the output: not dominated by fixed costs
     assert large <= 4.5 * small, (small, large)
+
+
+# ------------------------------------------------------------------ chunked decode
+
+
+@pytest.mark.parametrize("frames", [1, 16, 17, 40, 50])  # 1, one chunk exactly, not multiples of it
+def test_chunked_decode_matches_whole(model, frames):
+    """Decoding after the LSTM in chunks of 16 frames (with the halo) gives the unchunked audio."""
+    codes = mx.array(
+        np.random.default_rng(frames).integers(0, 2048, (2, 4, frames)).astype(np.int32)
+    )
+    whole = np.array(model.decode(codes, chunk_frames=0))
+    chunked = np.array(model.decode(codes, chunk_frames=16))
+    assert chunked.shape == whole.shape == (2, frames * 640, 1)
+    assert np.abs(chunked - whole).max() <= 1e-6 * np.abs(whole).max()
+
+
+def test_time_group_norm_decodes_whole():
+    """time_group_norm normalizes over all of time: not local, so never chunked."""
+    config = EncodecConfig(
+        num_filters=2,
+        hidden_size=8,
+        codebook_size=16,
+        upsampling_ratios=[4, 2],
+        norm_type="time_group_norm",
+    )
+    model = EncodecModel(config)
+    model.update(
+        tree_map(
+            lambda p: 0.3 * mx.random.normal(p.shape, key=mx.random.key(1)), model.parameters()
+        )
+    )
+    codes = mx.array(np.random.default_rng(0).integers(0, 16, (1, 2, 40)).astype(np.int32))
+    whole = np.array(model.decode(codes, chunk_frames=0))
+    np.testing.assert_array_equal(np.array(model.decode(codes, chunk_frames=16)), whole)
+
+
+def test_chunked_decode_needs_the_halo(model, monkeypatch):
+    """Without the halo, the samples next to the chunk edges differ (the test above is sensitive)."""
+    assert model.decoder.halo_frames() == 1  # 482 samples of the 640 of a frame
+    codes = mx.array(np.random.default_rng(0).integers(0, 2048, (1, 4, 40)).astype(np.int32))
+    whole = np.array(model.decode(codes, chunk_frames=0))
+    monkeypatch.setattr(model.decoder, "halo_frames", lambda: 0)
+    chunked = np.array(model.decode(codes, chunk_frames=16))
+    assert np.abs(chunked - whole).max() > 1e-3 * np.abs(whole).max()
+
+
+def test_receptive_margin_bounds_the_decoder_after_the_lstm():
+    """Changing one frame of the LSTM output changes the audio only within `receptive_margin()`
+    samples of that frame's hop, and the bound is reached."""
+    from encodec.encodec import _apply
+
+    decoder = EncodecModel.from_pretrained(FIXTURES / "tiny-musicgen").decoder
+    margin, hop = decoder.receptive_margin(), decoder.hop_length
+    width = decoder.layers[1].layers[0].Wh.shape[1]
+    h = np.random.default_rng(0).standard_normal((1, 21, width)).astype(np.float32)
+    base = np.array(_apply(decoder.layers[2:], mx.array(h)))
+    h[:, 10] += 1
+    changed = np.abs(np.array(_apply(decoder.layers[2:], mx.array(h))) - base).max(axis=(0, 2))
+    idx = np.nonzero(changed)[0]
+    left, right = 10 * hop - idx.min(), idx.max() - (11 * hop - 1)
+    assert max(left, right) == margin == 482, (left, right, margin)
+
+
+def test_chunked_decode_peak_memory_at_real_widths():
+    """30 s at musicgen-small's EnCodec widths (random weights), the default (chunked) path: the peak
+    above the weights is bounded by a chunk, below the whole-sequence decode of a fifth of the length
+    (before chunking: 2.0 GiB for 1500 frames, 1.3-1.5 MiB per frame)."""
+    model = EncodecModel(EncodecConfig(**MUSICGEN_SMALL_ENCODEC))
+    model.update(tree_map(lambda p: 0.05 * mx.random.normal(p.shape), model.parameters()))
+    mx.eval(model.parameters())
+    rng = np.random.default_rng(0)
+
+    def peak(n: int, chunk_frames: int | None) -> int:
+        codes = mx.array(rng.integers(0, 2048, (1, 4, n)).astype(np.int32))
+        mx.eval(codes)
+        mx.synchronize()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        audio = model.decode(codes, chunk_frames)
+        mx.eval(audio)
+        assert audio.shape == (1, n * 640, 1)
+        return mx.get_peak_memory() - before
+
+    peak(8, None)  # warm up (compiled LSTM step)
+    whole_300, chunked_1500 = peak(300, 0), peak(1500, None)
+    assert chunked_1500 <= whole_300, (chunked_1500, whole_300)
+    assert chunked_1500 <= 512 * 2**20, chunked_1500
