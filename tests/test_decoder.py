@@ -7,6 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from reference import text_states
 
 from musicgen.model import (
     MusicgenDecoder,
@@ -23,16 +24,6 @@ EXPECTED = FIXTURES / "expected"
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def text_states(indices, attention_mask) -> tuple[mx.array, mx.array]:
-    """Reference T5 states of PROMPTS[i] (alone), right-padded to the width of attention_mask."""
-    t5 = np.load(EXPECTED / "t5.npz")
-    states = np.zeros((len(indices), attention_mask.shape[1], t5["hidden_0"].shape[-1]), np.float32)
-    for row, i in enumerate(indices):
-        h = t5[f"hidden_{i}"][0]
-        states[row, : h.shape[0]] = h
-    return mx.array(states), mx.array(attention_mask)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from reference import text_states
 
 from musicgen.generate import (
     build_delay_pattern,
@@ -21,16 +22,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 EXPECTED = FIXTURES / "expected"
 MONO = [0, 1, 2, 3]
 STEREO = [0, 0, 1, 1, 2, 2, 3, 3]
-
-
-def text_states(indices, attention_mask) -> tuple[mx.array, mx.array]:
-    """Reference T5 states of PROMPTS[i] (alone), right-padded to the width of attention_mask."""
-    t5 = np.load(EXPECTED / "t5.npz")
-    states = np.zeros((len(indices), attention_mask.shape[1], t5["hidden_0"].shape[-1]), np.float32)
-    for row, i in enumerate(indices):
-        h = t5[f"hidden_{i}"][0]
-        states[row, : h.shape[0]] = h
-    return mx.array(states), mx.array(attention_mask)
 
 
 def alone(i: int) -> tuple[mx.array, mx.array]:
