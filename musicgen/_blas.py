@@ -5,6 +5,11 @@ with RTLD_GLOBAL before `mlx.core` makes MLX's matrix products resolve to it (ab
 machine). Set MUSICGEN_MLX_BLAS=0 to turn this off, or MUSICGEN_MLX_BLAS=/path/to/libblas.so to pick a library
 (a RuntimeWarning when that path does not exist or does not load; MLX then keeps its bundled BLAS).
 
+OpenBLAS's worker threads spin for about 2^28 cycles after each call before they sleep. The decoder's
+attention runs on two MLX CPU streams between those calls, and a spinning worker takes a core from them (a
+step at 1450 positions: 145 -> 120 ms on 2 cores), so OPENBLAS_THREAD_TIMEOUT defaults to 4 (spin 2^4 cycles)
+unless it is already set.
+
 Every package that imports mlx (`musicgen`, `t5`, `encodec`) calls load_blas() first in its __init__, so
 `import t5` or `import encodec` alone gets OpenBLAS too. The first call decides; later calls return its result.
 """
@@ -23,6 +28,9 @@ CANDIDATES = (
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib64/libopenblas.so.0",
 )
+
+#: OpenBLAS worker spin before sleeping, as log2(cycles): short, so idle workers leave the cores to MLX's streams.
+THREAD_TIMEOUT = "4"
 
 #: Path of the BLAS library loaded for MLX, or None (macOS, turned off, or none found).
 loaded: str | None = None
@@ -53,6 +61,7 @@ def load_blas() -> str | None:
                     stacklevel=2,
                 )
             continue
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", THREAD_TIMEOUT)  # read when it loads
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError as e:

@@ -27,18 +27,20 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Li
 
 # Import one package alone, then report what the loader did and which libraries the process mapped.
 PROBE = """
-import json, sys
+import json, os, sys
 import {package}
 from musicgen import _blas
 import mlx.core as mx
 assert (mx.ones((4, 4)) @ mx.ones((4, 4))).sum().item() == 64
 maps = open("/proc/self/maps").read() if sys.platform.startswith("linux") else ""
-print(json.dumps({{"loaded": _blas.loaded, "maps": maps}}))
+timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+print(json.dumps({{"loaded": _blas.loaded, "maps": maps, "timeout": timeout}}))
 """
 
 
-def probe(package: str, setting: str | None) -> tuple[dict, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MUSICGEN_MLX_BLAS"}
+def probe(package: str, setting: str | None, **extra: str) -> tuple[dict, str]:
+    drop = ("MUSICGEN_MLX_BLAS", "OPENBLAS_THREAD_TIMEOUT")
+    env = {k: v for k, v in os.environ.items() if k not in drop} | extra
     if setting is not None:
         env["MUSICGEN_MLX_BLAS"] = setting
     out = subprocess.run(
@@ -93,3 +95,17 @@ def test_a_file_that_is_not_a_library_warns(tmp_path):
     result, err = probe("t5", str(bogus))
     assert result["loaded"] is None
     assert "cannot load" in err and str(bogus) in err
+
+
+@linux_only
+@pytest.mark.skipif(
+    DEBIAN_OPENBLAS is None, reason="Debian's libopenblas0-pthread is not installed"
+)
+def test_openblas_workers_spin_briefly_unless_told_otherwise():
+    """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT when it loads: short by default, the user's value kept."""
+    result, _ = probe("musicgen", None)
+    assert result["loaded"] == DEBIAN_OPENBLAS and result["timeout"] == "4"
+    result, _ = probe("musicgen", None, OPENBLAS_THREAD_TIMEOUT="20")
+    assert result["timeout"] == "20"
+    result, _ = probe("musicgen", "0")
+    assert result["loaded"] is None and result["timeout"] is None
