@@ -572,6 +572,47 @@ def test_sigint_during_generation_leaves_nothing(cli, tmp_path):
     assert entries and not [e for e in entries if e.startswith(".tmp-")], entries
 
 
+@pytest.mark.slow
+def test_sigint_during_conversion_leaves_no_cache_entry(cli, tmp_path):
+    """A real SIGINT while a checkpoint is being converted (a random 6-layer musicgen-small-wide model,
+    ~0.6 GB in 20 shards, so the conversion lasts seconds): exit 130, one short line, and the
+    conversion cache holds neither an entry nor a temporary folder."""
+    from apps.random_checkpoint import shape_config, write_checkpoint
+
+    config = shape_config("small")
+    config["decoder"]["num_hidden_layers"] = 6
+    model = tmp_path / "random-small-6"
+    write_checkpoint("small", model, "float16", "safetensors", "32MB", config=config)
+    cache = tmp_path / "own-cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apps.musicgen_cli", "convert", "--model", str(model)],
+        cwd=cli.work,
+        env=cli.env_for({"MUSICGEN_MLX_CACHE": str(cache)}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    seen = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait until some tensors are converted
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+        done = [int(n) for n in re.findall(rb"Converting [^:]*: (\d+) tensors", seen)]
+        if done and max(done) >= 20:
+            break
+    assert proc.poll() is None, seen.decode(errors="replace")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].strip() == "musicgen-cli: interrupted"
+    assert "Traceback" not in err and out == b""
+    assert not cache.exists() or files(cache) == [], files(cache)
+    assert files(cli.work) == []
+
+
 # ------------------------------------------------------------------------------------ convert, cache
 
 
