@@ -533,32 +533,27 @@ def test_version_and_help(cli):
 # ------------------------------------------------------------------------------------ Ctrl+C
 
 
-def test_sigint_during_generation_leaves_nothing(cli, tmp_path):
-    """A real SIGINT while the decoder runs: exit 130, one short line, no files, no traceback, and
-    a conversion cache with its finished entry and no temporary folder."""
-    cache = tmp_path / "own-cache"  # converted by this run
-    prompts = [a for i in range(4) for a in ("--prompt", f"prompt {i}")]
+def interrupt_when(cli, args: list, cache: Path, progress: bytes, at_least: int) -> None:
+    """Run the CLI, send a real SIGINT once `progress` (a regex with one number) reaches `at_least`,
+    and check the clean exit: 130, one short line, no traceback, no output, nothing in the work folder."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "apps.musicgen_cli", *prompts, "--model", str(TINY),
-         "--max-steps", "2048", "--output", "long.wav"],
+        [sys.executable, "-m", "apps.musicgen_cli", *map(str, args)],
         cwd=cli.work,
         env=cli.env_for({"MUSICGEN_MLX_CACHE": str(cache)}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         # a background job's SIGINT may be ignored by the shell that started pytest
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    )
     seen = b""
     deadline = time.monotonic() + 60
-    # Wait for at least 10 decoder steps: the run is well inside the loop (and past MLX's one-off
-    # `system("g++ --version")` check, during which glibc ignores SIGINT).
     while time.monotonic() < deadline:
         chunk = os.read(proc.stderr.fileno(), 4096)
         if not chunk:
             break
         seen += chunk
-        steps = [int(n) for n in re.findall(rb"(\d+)/2048 \[", seen)]
-        if steps and max(steps) >= 10:
+        counts = [int(n) for n in re.findall(progress, seen)]
+        if counts and max(counts) >= at_least:
             break
     assert proc.poll() is None, seen.decode(errors="replace")
     proc.send_signal(signal.SIGINT)
@@ -568,6 +563,17 @@ def test_sigint_during_generation_leaves_nothing(cli, tmp_path):
     assert err.strip().splitlines()[-1].strip() == "musicgen-cli: interrupted"
     assert "Traceback" not in err and out == b""
     assert files(cli.work) == []
+
+
+def test_sigint_during_generation_leaves_nothing(cli, tmp_path):
+    """A real SIGINT while the decoder runs: exit 130, one short line, no files, no traceback, and
+    a conversion cache with its finished entry and no temporary folder."""
+    cache = tmp_path / "own-cache"  # converted by this run
+    prompts = [a for i in range(4) for a in ("--prompt", f"prompt {i}")]
+    args = [*prompts, "--model", TINY, "--max-steps", "2048", "--output", "long.wav"]
+    # Wait for at least 10 decoder steps: the run is well inside the loop (and past MLX's one-off
+    # `system("g++ --version")` check, during which glibc ignores SIGINT).
+    interrupt_when(cli, args, cache, rb"(\d+)/2048 \[", 10)
     entries = files(cache)
     assert entries and not [e for e in entries if e.startswith(".tmp-")], entries
 
@@ -584,33 +590,10 @@ def test_sigint_during_conversion_leaves_no_cache_entry(cli, tmp_path):
     model = tmp_path / "random-small-6"
     write_checkpoint("small", model, "float16", "safetensors", "32MB", config=config)
     cache = tmp_path / "own-cache"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "apps.musicgen_cli", "convert", "--model", str(model)],
-        cwd=cli.work,
-        env=cli.env_for({"MUSICGEN_MLX_CACHE": str(cache)}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    interrupt_when(
+        cli, ["convert", "--model", model], cache, rb"Converting [^:]*: (\d+) tensors", 20
     )
-    seen = b""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # wait until some tensors are converted
-        chunk = os.read(proc.stderr.fileno(), 4096)
-        if not chunk:
-            break
-        seen += chunk
-        done = [int(n) for n in re.findall(rb"Converting [^:]*: (\d+) tensors", seen)]
-        if done and max(done) >= 20:
-            break
-    assert proc.poll() is None, seen.decode(errors="replace")
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    err = err.decode()
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1].strip() == "musicgen-cli: interrupted"
-    assert "Traceback" not in err and out == b""
     assert not cache.exists() or files(cache) == [], files(cache)
-    assert files(cli.work) == []
 
 
 # ------------------------------------------------------------------------------------ convert, cache
