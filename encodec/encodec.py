@@ -179,9 +179,9 @@ class ELU(nn.Module):
             return [_elu(x)]
         # MLX's CPU element-wise ops are single-threaded: the two halves of time run on two streams
         half = x.shape[1] // 2
-        with mx.stream(_cpu_streams()[0]):
+        with mx.stream(cpu_streams()[0]):
             a = _elu(x[:, :half])
-        with mx.stream(_cpu_streams()[1]):
+        with mx.stream(cpu_streams()[1]):
             b = _elu(x[:, half:])
         return [a, b]
 
@@ -194,7 +194,8 @@ _STREAMS: list = []
 _SPLIT_ELEMENTS = 1 << 20  # 4 MiB: decoding in chunks keeps the split for the 128-channel layers
 
 
-def _cpu_streams() -> list:
+def cpu_streams() -> list:
+    """Two extra CPU streams (created once) for splitting work over both cores (also the decoder's)."""
     if not _STREAMS:
         _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(2))
     return _STREAMS

@@ -12,6 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from encodec.encodec import cpu_streams
+
 
 @dataclass
 class MusicgenDecoderConfig:
@@ -336,16 +338,9 @@ class TokenStep:
         return mx.concatenate([first, second])
 
 
-_SIDE_STREAM: list = []
-
-
 def _side_stream() -> mx.Stream | None:
-    """A second CPU stream (created once) when running on the CPU, else None."""
-    if mx.default_device() != mx.cpu:
-        return None
-    if not _SIDE_STREAM:
-        _SIDE_STREAM.append(mx.new_stream(mx.cpu))
-    return _SIDE_STREAM[0]
+    """A second CPU stream (shared with EnCodec's) when running on the CPU, else None."""
+    return cpu_streams()[0] if mx.default_device() == mx.cpu else None
 
 
 class MusicgenDecoder(nn.Module):
