@@ -95,20 +95,17 @@ def matvec_bandwidth(n: int = 8192, repeats: int = 15) -> dict:
     return out
 
 
-def step_bytes(decoder, rows: int, text_len: int, position: int) -> dict:
-    """Bytes one decoder step must read at `position`: weights (not the embeddings nor the cross-attention
-    K/V projections, used once) and the self- and cross-attention K/V of every row."""
-    from mlx.utils import tree_flatten
+def step_bytes(model, prompt: str, positions: dict[str, int]) -> dict:
+    """Bytes the generation step reads at each position (weights, text tensors, self-attention K/V),
+    counted by the step itself for this prompt with classifier-free guidance."""
+    import mlx.core as mx
 
-    skip = ("embed_tokens", "enc_to_dec_proj", "encoder_attn.k_proj", "encoder_attn.v_proj")
-    weights = sum(
-        v.nbytes for k, v in tree_flatten(decoder.parameters()) if not any(s in k for s in skip)
-    )
-    c = decoder.config
-    item = decoder.dtype.size
-    layers = c.num_hidden_layers
-    kv = 2 * rows * layers * c.hidden_size * item * (position + 1 + text_len)
-    return {"weights": weights, "kv": kv, "total": weights + kv}
+    from musicgen.generate import with_unconditional_rows
+
+    cross = model.decoder.cross_states(*with_unconditional_rows(*model.encode_text([prompt])))
+    step = model.decoder.token_step(cross, model.decoder.make_cache(2, 1))
+    mx.eval(step.cross)
+    return {name: step.bytes_per_step(position) for name, position in positions.items()}
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -182,12 +179,9 @@ def worker_generate(args: dict) -> dict:
     rss = max_rss_bytes()
     peak = mx.get_peak_memory()
     bandwidth = matvec_bandwidth(args.get("matvec_size", 8192))
-    rows = 2  # classifier-free guidance: conditional and unconditional rows
-    text_len = ids.shape[1]
-    bytes_at = {
-        name: step_bytes(model.decoder, rows, text_len, (lo + hi) // 2)
-        for name, (lo, hi) in WINDOWS.items()
-    }
+    bytes_at = step_bytes(
+        model, args["prompt"], {name: (lo + hi) // 2 for name, (lo, hi) in WINDOWS.items()}
+    )
     return {
         "versions": {"mlx": mx.__version__},
         "backend": backend(),

@@ -83,6 +83,14 @@ def sample(
     return choice.astype(mx.int32)
 
 
+def with_unconditional_rows(states: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+    """The classifier-free guidance batch: the rows, then as many rows with zero states and mask."""
+    return (
+        mx.concatenate([states, mx.zeros_like(states)], axis=0),
+        mx.concatenate([mask, mx.zeros_like(mask)], axis=0),
+    )
+
+
 def generate_tokens(
     decoder: MusicgenDecoder,
     encoder_states: mx.array,
@@ -126,8 +134,7 @@ def generate_tokens(
         encoder_mask = mx.ones(encoder_states.shape[:2], dtype=mx.int32)
     cfg = guidance_coef is not None and guidance_coef > 1
     if cfg:
-        encoder_states = mx.concatenate([encoder_states, mx.zeros_like(encoder_states)], axis=0)
-        encoder_mask = mx.concatenate([encoder_mask, mx.zeros_like(encoder_mask)], axis=0)
+        encoder_states, encoder_mask = with_unconditional_rows(encoder_states, encoder_mask)
     rows = encoder_states.shape[0]
 
     # Setup: everything that does not change per step.

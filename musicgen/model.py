@@ -119,6 +119,7 @@ class CrossState:
 
     kv: list[tuple[mx.array, mx.array]]
     mask: mx.array | None  # bool (batch, 1, 1, src_len), True = attend
+    has_text: mx.array | None = None  # bool (batch,): False for rows whose mask was all zeros
 
 
 def linear(p: dict, x: mx.array, quantization: tuple[int, int] | None = None) -> mx.array:
@@ -250,9 +251,22 @@ class TokenStep:
     attention over the filled cache (its length grows every step, so it stays uncompiled), and a
     compiled block for the rest (output projection, cross-attention, feed-forward). Parameters are
     gathered once, when the step is built for a generation.
+
+    Cross-attention runs for the leading rows that have text only: a row with an all-zero mask (the
+    unconditional half of classifier-free guidance) attends to zero states, which gives exactly 0.
+    With `fold_cross` (default: when it reads fewer bytes, i.e. rows x heads x text length < width)
+    the query and output projections are folded into the text's keys and values once per
+    generation (see `fold_cross_attention`), so a step reads two small per-row matrices instead
+    of two width x width weights.
     """
 
-    def __init__(self, decoder: MusicgenDecoder, cross: CrossState, cache: list[KVCache]):
+    def __init__(
+        self,
+        decoder: MusicgenDecoder,
+        cross: CrossState,
+        cache: list[KVCache],
+        fold_cross: bool | None = None,
+    ):
         c = decoder.config
         heads, dims = c.num_attention_heads, c.hidden_size
         head_dim = dims // heads
@@ -261,9 +275,16 @@ class TokenStep:
         quant = (
             None if decoder.quant_bits is None else (decoder.quant_group_size, decoder.quant_bits)
         )
+        rows = cache[0].keys.shape[0]
+        text_rows = rows if cross.has_text is None else _leading_true(cross.has_text.tolist())
+        text_len = cross.kv[0][0].shape[2]
+        if fold_cross is None:
+            e = decoder.layers[0].encoder_attn
+            weights = _nbytes([e.q_proj.parameters(), e.out_proj.parameters()])
+            fold_cross = text_rows * heads * text_len < weights / (2 * dims * decoder.dtype.size)
+        self.text_rows, self.fold_cross = text_rows, fold_cross and text_rows > 0
 
         def attention_in(p: dict, x: mx.array):
-            rows = x.shape[0]
             h = layer_norm(p["self_attn_layer_norm"], x)
             a = p["self_attn"]
 
@@ -273,16 +294,26 @@ class TokenStep:
             q = split(linear(a["q_proj"], h, quant) * scale)
             return q, split(linear(a["k_proj"], h, quant)), split(linear(a["v_proj"], h, quant))
 
-        def attention_out(p: dict, x, attn, cross_k, cross_v, cross_mask):
-            rows = x.shape[0]
+        def cross_attention(e: dict, h: mx.array, keys, values, mask) -> mx.array:
+            q = linear(e["q_proj"], h, quant).reshape(text_rows, heads, 1, head_dim) * scale
+            scores = mx.where(mask, q @ keys.swapaxes(-1, -2), -mx.inf)
+            attn = mx.softmax(scores, axis=-1, precise=True) @ values
+            return linear(e["out_proj"], attn.reshape(text_rows, dims), quant)
+
+        def folded_cross_attention(e: dict, h: mx.array, to_scores, from_weights, mask):
+            scores = (to_scores @ h[:, :, None]).reshape(text_rows, heads, text_len)
+            scores = mx.where(mask, scores, -mx.inf)
+            weights = mx.softmax(scores, axis=-1, precise=True).reshape(text_rows, -1, 1)
+            return (from_weights @ weights).reshape(text_rows, dims)
+
+        attend_text = folded_cross_attention if self.fold_cross else cross_attention
+
+        def attention_out(p: dict, x, attn, *text):
             x = x + linear(p["self_attn"]["out_proj"], attn.reshape(rows, dims), quant)
-            h = layer_norm(p["encoder_attn_layer_norm"], x)
-            e = p["encoder_attn"]
-            q = linear(e["q_proj"], h, quant).reshape(rows, heads, 1, head_dim) * scale
-            scores = mx.where(cross_mask, q @ cross_k.swapaxes(-1, -2), -mx.inf)
-            weights = mx.softmax(scores, axis=-1, precise=True)
-            attn = (weights @ cross_v).reshape(rows, dims)
-            x = x + linear(e["out_proj"], attn, quant)
+            if text_rows:
+                h = layer_norm(p["encoder_attn_layer_norm"], x[:text_rows])
+                y = attend_text(p.get("encoder_attn"), h, *text)
+                x = x + (y if text_rows == rows else mx.pad(y, [(0, rows - text_rows), (0, 0)]))
             h = layer_norm(p["final_layer_norm"], x)
             return x + linear(p["fc2"], act(linear(p["fc1"], h, quant)), quant)
 
@@ -300,17 +331,35 @@ class TokenStep:
         self._attention_out = mx.compile(attention_out)
         self._embed = mx.compile(embed)
         self._logits = mx.compile(logits)
-        self.layers = [layer.parameters() for layer in decoder.layers]
+        self.layers = [self._step_parameters(layer) for layer in decoder.layers]
         self.tables = [e.weight for e in decoder.embed_tokens]
         self.norm = decoder.layer_norm.parameters()
         self.lm_heads = [h.parameters() for h in decoder.lm_heads]
         self.positions = decoder._positions.astype(decoder.dtype)
-        rows = cache[0].keys.shape[0]
         mask = cross.mask
         if mask is None:
-            mask = mx.ones((rows, 1, 1, cross.kv[0][0].shape[2]), dtype=mx.bool_)
-        self.cross = [(k, v, mask) for k, v in cross.kv]
+            mask = mx.ones((rows, 1, 1, text_len), dtype=mx.bool_)
+        mask = mask[:text_rows]
+        self.cross = []
+        for layer, (k, v) in zip(decoder.layers, cross.kv, strict=True):
+            k, v = k[:text_rows], v[:text_rows]
+            if not text_rows:
+                self.cross.append(())
+            elif self.fold_cross:
+                folded = fold_cross_attention(layer.encoder_attn, k, v, quant)
+                self.cross.append((*folded, mask.reshape(text_rows, 1, text_len)))
+            else:
+                self.cross.append((k, v, mask))
         self.cache = cache
+        self.itemsize = decoder.dtype.size
+
+    def _step_parameters(self, layer: DecoderLayer) -> dict:
+        """The parameters of `layer` a step reads (the text's keys/values are computed already)."""
+        p = layer.parameters()
+        e = p.pop("encoder_attn")
+        if self.text_rows and not self.fold_cross:
+            p["encoder_attn"] = {"q_proj": e["q_proj"], "out_proj": e["out_proj"]}
+        return p
 
     def __call__(self, tokens: mx.array, offset: int) -> mx.array:
         """Logits (rows, codebooks, vocab) in float32 for tokens (rows, codebooks) at position offset."""
@@ -320,6 +369,14 @@ class TokenStep:
             keys, values = cache.update(k, v, offset)
             x = self._attention_out(p, x, self._self_attention(q, keys, values), *cross)
         return self._logits(self.norm, self.lm_heads, x)
+
+    def bytes_per_step(self, offset: int) -> dict[str, int]:
+        """Bytes a step at `offset` reads: the weights and text tensors it uses, and the self-attention
+        keys/values of positions 0..offset (the token embeddings, 1 row per codebook, are left out)."""
+        weights = _nbytes([self.layers, self.norm, self.lm_heads, self.cross])
+        rows, heads, _, head_dim = self.cache[0].keys.shape
+        kv = 2 * len(self.cache) * rows * heads * head_dim * self.itemsize * (offset + 1)
+        return {"weights": weights, "kv": kv, "total": weights + kv}
 
     def _self_attention(self, q: mx.array, keys: mx.array, values: mx.array) -> mx.array:
         """Single-query attention over the filled cache; on the CPU half the rows run on a second stream.
@@ -336,6 +393,49 @@ class TokenStep:
             second = single_query_attention(q[half:], keys[half:], values[half:])
         first = single_query_attention(q[:half], keys[:half], values[:half])
         return mx.concatenate([first, second])
+
+
+def fold_cross_attention(
+    attention: Attention, keys: mx.array, values: mx.array, quantization=None
+) -> tuple[mx.array, mx.array]:
+    """The query and output projections folded into the text's keys/values (batch, heads, len, d).
+
+    With h the normed state of a row: scores = (scale K_h Wq_h) h, per head, and the output
+    Wo concat_h(w_h V_h) = sum_h (Wo_h V_h^T) w_h. Returns the per-row matrices (batch, heads * len,
+    width) giving the scores and (batch, width, heads * len) giving the output from the weights.
+    """
+    batch, heads, length, head_dim = keys.shape
+    wq, wo = (_dense_weight(p, quantization) for p in (attention.q_proj, attention.out_proj))
+    dims = wq.shape[1]
+    to_scores = (keys.astype(mx.float32) * attention.scale) @ wq.reshape(heads, head_dim, dims)
+    per_head_out = wo.reshape(dims, heads, head_dim).transpose(1, 0, 2)  # Wo_h: (heads, dims, d)
+    from_weights = (per_head_out @ values.astype(mx.float32).swapaxes(-1, -2)).transpose(0, 2, 1, 3)
+    return (
+        to_scores.reshape(batch, heads * length, dims).astype(keys.dtype),
+        from_weights.reshape(batch, dims, heads * length).astype(keys.dtype),
+    )
+
+
+def _dense_weight(linear_layer: nn.Module, quantization) -> mx.array:
+    """A linear layer's weight in float32, dequantized if needed."""
+    p = linear_layer.parameters()
+    if "scales" not in p:
+        return p["weight"].astype(mx.float32)
+    group_size, bits = quantization
+    return mx.dequantize(p["weight"], p["scales"], p["biases"], group_size, bits)
+
+
+def _leading_true(flags: list[bool]) -> int:
+    """How many rows the cross-attention must run: all of them unless the rows without text are
+    exactly the trailing ones (as in classifier-free guidance)."""
+    n = flags.index(False) if False in flags else len(flags)
+    return n if not any(flags[n:]) else len(flags)
+
+
+def _nbytes(tree) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(tree) if isinstance(v, mx.array))
 
 
 def _side_stream() -> mx.Stream | None:
@@ -375,13 +475,14 @@ class MusicgenDecoder(nn.Module):
         x = encoder_states.astype(self.dtype)
         if "enc_to_dec_proj" in self:
             x = self.enc_to_dec_proj(x)
-        mask = None
+        mask = has_text = None
         if encoder_mask is not None:
             keep = encoder_mask.astype(mx.bool_)
             x = x * keep[..., None].astype(x.dtype)
-            keep = keep | ~mx.any(keep, axis=-1, keepdims=True)
-            mask = keep[:, None, None, :]
-        return CrossState([layer.encoder_attn.key_values(x) for layer in self.layers], mask)
+            has_text = mx.any(keep, axis=-1)
+            mask = (keep | ~has_text[:, None])[:, None, None, :]
+        kv = [layer.encoder_attn.key_values(x) for layer in self.layers]
+        return CrossState(kv, mask, has_text)
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
         """Fresh per-layer caches for `max_len` positions."""
@@ -392,9 +493,11 @@ class MusicgenDecoder(nn.Module):
             for _ in self.layers
         ]
 
-    def token_step(self, cross: CrossState, cache: list[KVCache]) -> TokenStep:
-        """The fast single-token step of a generation over `cross` and `cache`."""
-        return TokenStep(self, cross, cache)
+    def token_step(
+        self, cross: CrossState, cache: list[KVCache], fold_cross: bool | None = None
+    ) -> TokenStep:
+        """The fast single-token step of a generation over `cross` and `cache` (see TokenStep)."""
+        return TokenStep(self, cross, cache, fold_cross)
 
     def embed(self, tokens: mx.array) -> mx.array:
         """Sum of the per-codebook embeddings of tokens (batch, codebooks, len) -> (batch, len, dims)."""

@@ -60,17 +60,22 @@ def test_incremental_decoding_with_cache_matches_full_forward(mono, teacher_forc
     assert rel_err(np.concatenate([chunk, *rest], axis=2), full) <= 1e-5
 
 
-def token_step_logits(decoder, tokens, cross) -> np.ndarray:
+def token_step_logits(decoder, tokens, cross, fold_cross=None) -> np.ndarray:
     """Logits of every position through the generation step (TokenStep), one token at a time."""
     cache = decoder.make_cache(tokens.shape[0], tokens.shape[-1] + 3)
-    step = decoder.token_step(cross, cache)
+    step = decoder.token_step(cross, cache, fold_cross)
     logits = [np.array(step(tokens[:, :, i], i)) for i in range(tokens.shape[-1])]
     return np.stack(logits, axis=2)
 
 
-def test_token_step_matches_full_forward(mono, teacher_forced):
-    """The compiled generation step (padded text mask, an unconditional all-zero-mask row) equals
-    the teacher-forced forward, which equals transformers."""
+FOLDS = pytest.mark.parametrize("fold", [False, True], ids=["projections", "folded"])
+
+
+@FOLDS
+def test_token_step_matches_full_forward(mono, teacher_forced, fold):
+    """The compiled generation step (padded text mask, unconditional all-zero-mask rows), with the
+    cross-attention projections applied or folded, equals the teacher-forced forward, which equals
+    transformers."""
     d = teacher_forced
     states, mask = text_states([0, 1], d["attention_mask"])
     states = mx.concatenate([states, mx.zeros_like(states)])
@@ -79,15 +84,68 @@ def test_token_step_matches_full_forward(mono, teacher_forced):
     tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)
     tokens = mx.concatenate([tokens, tokens])
     full = np.array(mono(tokens, cross))
-    steps = token_step_logits(mono, tokens, cross)
+    steps = token_step_logits(mono, tokens, cross, fold)
+    assert mono.token_step(cross, mono.make_cache(4, 1), fold).text_rows == 2  # CFG: 2 + 2
     assert steps.dtype == np.float32 and steps.shape == full.shape
     assert rel_err(steps, full) <= 1e-5
     assert rel_err(steps[:2], d["logits"].reshape(2, 4, 8, -1)) <= 1e-4
     # no mask at all (None) is the same as an all-ones mask
     ones = mono.cross_states(states[:1], None)
     assert (
-        rel_err(token_step_logits(mono, tokens[:1], ones), np.array(mono(tokens[:1], ones))) <= 1e-5
+        rel_err(token_step_logits(mono, tokens[:1], ones, fold), np.array(mono(tokens[:1], ones)))
+        <= 1e-5
     )
+
+
+@FOLDS
+def test_token_step_rows_without_text(mono, teacher_forced, fold):
+    """Rows without text between rows with text, or no text at all (unconditional), give the
+    forward's logits: a row without text attends to zero states, so its cross-attention is 0."""
+    d = teacher_forced
+    states, mask = text_states([0, 1], d["attention_mask"])
+    tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)
+    zeros = mx.zeros_like
+    mixed = mono.cross_states(
+        mx.stack([states[0], zeros(states[0]), states[1], zeros(states[1])]),
+        mx.stack([mask[0], zeros(mask[0]), mask[1], zeros(mask[1])]),
+    )
+    mixed_tokens = mx.concatenate([tokens[:1], tokens[:1], tokens[1:], tokens[1:]])
+    empty = mono.cross_states(zeros(states), zeros(mask))
+    for cross, batch, text_rows in ((mixed, mixed_tokens, 4), (empty, tokens, 0)):
+        full = np.array(mono(batch, cross))
+        assert rel_err(token_step_logits(mono, batch, cross, fold), full) <= 1e-5
+        step = mono.token_step(cross, mono.make_cache(batch.shape[0], 4), fold)
+        assert step.text_rows == text_rows
+
+
+def test_token_step_folds_when_it_reads_fewer_bytes(mono, teacher_forced):
+    """Folding is chosen by bytes (rows with text x heads x text length < width), and bytes_per_step
+    counts exactly what the step reads."""
+    d = teacher_forced
+    states, mask = text_states([0, 1], d["attention_mask"])
+    c = mono.config
+    layers, dims, heads, text = c.num_hidden_layers, c.hidden_size, c.num_attention_heads, 8
+    states, mask = states[:, :text], mask[:, :text]
+    cfg = mono.cross_states(
+        mx.concatenate([states[:1], mx.zeros_like(states[:1])]),
+        mx.concatenate([mask[:1], mx.zeros_like(mask[:1])]),
+    )
+    cache = mono.make_cache(2, 4)
+    unfolded = mono.token_step(cfg, cache, False).bytes_per_step(9)
+    folded = mono.token_step(cfg, cache, True).bytes_per_step(9)
+    assert unfolded["kv"] == folded["kv"] == 2 * layers * 2 * dims * 4 * 10
+    projections = 2 * dims * dims * 4  # q_proj + out_proj
+    text_kv = 2 * text * dims * 4  # the text's keys and values, 1 row with text
+    folded_mats = 2 * heads * text * dims * 4
+    assert unfolded["weights"] - folded["weights"] == layers * (projections + text_kv - folded_mats)
+    assert unfolded["total"] == unfolded["weights"] + unfolded["kv"]
+    # auto: 1 row x 2 heads x 8 tokens = 16 is not < 16 = width x width / width
+    assert not mono.token_step(cfg, cache).fold_cross
+    short = mono.cross_states(
+        mx.concatenate([states[:1, :7], mx.zeros_like(states[:1, :7])]),
+        mx.concatenate([mask[:1, :7], mx.zeros_like(mask[:1, :7])]),
+    )
+    assert mono.token_step(short, cache).fold_cross
 
 
 def test_cache_is_preallocated_and_written_in_place(mono):
@@ -181,7 +239,9 @@ def test_float16_decoder_stays_close(teacher_forced):
     logits = half(mx.array(d["decoder_input_ids"]).reshape(2, 4, -1), cross)
     assert rel_err(logits.astype(mx.float32), d["logits"].reshape(2, 4, 8, -1)) <= 2e-2
     tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)
-    assert rel_err(token_step_logits(half, tokens, cross), logits.astype(mx.float32)) <= 1e-2
+    for fold in (False, True):
+        step = token_step_logits(half, tokens, cross, fold)
+        assert rel_err(step, logits.astype(mx.float32)) <= 1e-2
 
 
 def test_quantized_decoder_stays_close():
@@ -215,6 +275,7 @@ def test_quantized_decoder_stays_close():
     # the generation step runs the quantized layers too (and reports what they are)
     assert (decoder.quant_group_size, decoder.quant_bits) == (64, 8)
     cross = decoder.cross_states(states, mask)
-    assert rel_err(token_step_logits(decoder, tokens, cross), out) <= 1e-5
+    for fold in (False, True):
+        assert rel_err(token_step_logits(decoder, tokens, cross, fold), out) <= 1e-5
     with pytest.raises(ValueError):
         quantize_decoder(decoder, 3)
