@@ -13,6 +13,7 @@ import pytest
 
 from apps import musicgen_bench
 from apps.random_checkpoint import shape_config, shapes, tensor_specs, write_checkpoint
+from musicgen.generate import with_unconditional_rows
 from musicgen.weights import load_state_dict
 
 TINY = Path(__file__).parent / "fixtures" / "tiny-musicgen"
@@ -135,3 +136,23 @@ def test_bench_end_to_end_on_tiny_shape(tiny_checkpoint, capsys):
     assert roof["100"]["measured_ms"] is None  # 12 steps do not reach position 100
     hidden, layers = 16, 2  # the tiny decoder: self-attention K/V of 2 CFG rows, positions 0..100
     assert roof["100"]["kv_MB"] * 1e6 == pytest.approx(2 * 2 * layers * hidden * 4 * 101)
+    assert roof["paired"] == {}  # 12 steps reach none of the positions probed
+
+
+def test_paired_roofline_on_tiny_shape(tiny_checkpoint):
+    from musicgen import MusicGen
+
+    model = MusicGen.from_pretrained(str(tiny_checkpoint), progress=False)
+    out = musicgen_bench.paired_roofline(model, "happy rock", {"5": 5, "40": 40}, 64, rounds=2)
+    assert set(out) == {"5", "40"}
+    for name, position in (("5", 5), ("40", 40)):
+        r = out[name]
+        assert r["step_ms"] > 0 and r["matvec_GBps"] > 0
+        # the bound is the bytes the step reads at the middle of the timed steps / the bandwidth
+        cross = model.decoder.cross_states(
+            *with_unconditional_rows(*model.encode_text(["happy rock"]))
+        )
+        step = model.decoder.token_step(cross, model.decoder.make_cache(2, 1))
+        total = step.bytes_per_step(position + 4)["total"]
+        assert r["bound_ms"] == pytest.approx(1e3 * total / (r["matvec_GBps"] * 1e9))
+        assert r["fraction_of_bound"] == pytest.approx(r["bound_ms"] / r["step_ms"])
