@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from reference import text_states
 
+from musicgen.generate import with_unconditional_rows
 from musicgen.model import (
     MusicgenDecoder,
     MusicgenDecoderConfig,
+    _side_stream,
     quantize_decoder,
     quantize_weights,
     sinusoidal_positions,
@@ -116,6 +118,24 @@ def test_token_step_rows_without_text(mono, teacher_forced, fold):
         assert rel_err(token_step_logits(mono, batch, cross, fold), full) <= 1e-5
         step = mono.token_step(cross, mono.make_cache(batch.shape[0], 4), fold)
         assert step.text_rows == text_rows
+
+
+def test_token_step_long_cache_runs_rows_on_two_streams(mono, teacher_forced):
+    """From 256 cached positions the CPU step runs half the rows on a second stream: the logits
+    are those of the module's forward through the same cache."""
+    d = teacher_forced
+    cross = mono.cross_states(*with_unconditional_rows(*text_states([0], d["attention_mask"][:1])))
+    n = 300
+    tokens = mx.random.randint(0, 2048, (2, 4, n + 1), key=mx.random.key(7))
+    cache = mono.make_cache(2, n + 1)
+    mono(tokens[:, :, :n], cross, cache, 0)  # prefill positions 0..n-1
+    step = mono.token_step(cross, cache)
+    assert mx.default_device() == mx.cpu and _side_stream() is not None
+    logits = step(tokens[:, :, n], n)
+    mx.eval(logits)
+    # the module's forward, one stream, rewrites position n with the same keys/values
+    expected = mono(tokens[:, :, n : n + 1], cross, cache, n)[:, :, 0]
+    assert rel_err(logits, expected) <= 1e-5
 
 
 def test_token_step_folds_when_it_reads_fewer_bytes(mono, teacher_forced):
