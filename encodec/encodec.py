@@ -289,8 +289,12 @@ class EncodecConvTranspose1d(nn.Module):
 
 @mx.compile
 def _lstm_step(gx: mx.array, h: mx.array, c: mx.array, wh: mx.array) -> tuple[mx.array, mx.array]:
-    """One LSTM step from precomputed input gates gx (B, 4H): PyTorch gate order i, f, g, o."""
-    gates = gx + (wh @ h.T).T  # W @ h: a faster matrix-vector product than h @ W.T on CPU
+    """One LSTM step from precomputed input gates gx (B, 4H): PyTorch gate order i, f, g, o.
+
+    With OpenBLAS, one row runs faster as h @ W^T (1500 steps at H = 1024: 1.35 s instead of 1.75 s),
+    two rows as W @ h^T (1.75 s instead of 1.95 s).
+    """
+    gates = mx.addmm(gx, h, wh.T) if h.shape[0] == 1 else gx + (wh @ h.T).T
     i, f, g, o = mx.split(gates, 4, axis=-1)
     c = mx.sigmoid(f) * c + mx.sigmoid(i) * mx.tanh(g)
     return mx.sigmoid(o) * mx.tanh(c), c
