@@ -114,14 +114,13 @@ def paired_roofline(
     """
     import mlx.core as mx
 
-    from musicgen.generate import sample, with_unconditional_rows
+    from musicgen.generate import sample
 
     if not positions:
         return {}
     decoder = model.decoder
-    cross = decoder.cross_states(*with_unconditional_rows(*model.encode_text([prompt])))
-    cache = decoder.make_cache(2, max(positions.values()) + steps + 1)
-    step = decoder.token_step(cross, cache)
+    step = guided_step(model, prompt, max(positions.values()) + steps + 1)
+    cache = step.cache
     w, x = mx.random.normal((n, n)), mx.random.normal((n,))
     keys = mx.random.split(mx.random.key(0), steps)
     mx.eval(w, x, keys, step.cross, [(c.keys, c.values) for c in cache])
@@ -157,16 +156,18 @@ def paired_roofline(
     return out
 
 
-def step_bytes(model, prompt: str, positions: dict[str, int]) -> dict:
-    """Bytes the generation step reads at each position (weights, text tensors, self-attention K/V),
-    counted by the step itself for this prompt with classifier-free guidance."""
-    import mlx.core as mx
-
+def guided_step(model, prompt: str, positions: int):
+    """The generation step of `prompt` with classifier-free guidance, over a cache of `positions`."""
     from musicgen.generate import with_unconditional_rows
 
     cross = model.decoder.cross_states(*with_unconditional_rows(*model.encode_text([prompt])))
-    step = model.decoder.token_step(cross, model.decoder.make_cache(2, 1))
-    mx.eval(step.cross)
+    return model.decoder.token_step(cross, model.decoder.make_cache(2, positions))
+
+
+def step_bytes(model, prompt: str, positions: dict[str, int]) -> dict:
+    """Bytes the generation step reads at each position (weights, text tensors, self-attention K/V),
+    counted by the step itself for this prompt with classifier-free guidance."""
+    step = guided_step(model, prompt, 1)
     return {name: step.bytes_per_step(position) for name, position in positions.items()}
 
 
