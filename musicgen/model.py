@@ -142,17 +142,30 @@ def layer_norm(p: dict, x: mx.array) -> mx.array:
     return mx.fast.layer_norm(x, p["weight"], p["bias"], 1e-5)
 
 
+# Keys per matrix-vector product of the attention scores on the CPU. OpenBLAS 0.3.21 runs q K^T
+# for one head at about 2x the time per key once a head holds more than ~1200 keys (measured: 24
+# layers at 1450 positions, 65 ms in one product per head vs 29 ms in chunks of 1024).
+SCORE_CHUNK = 1024
+
+
 def single_query_attention(
-    q: mx.array, keys: mx.array, values: mx.array, scale: float = 1.0
+    q: mx.array, keys: mx.array, values: mx.array, scale: float = 1.0, chunk: int | None = None
 ) -> mx.array:
     """Attention of one query per head (batch, heads, 1, d) over keys/values (batch, heads, len, d).
 
     softmax(q K^T) V as two matrix-vector products per head, which the CPU BLAS runs at memory bandwidth
-    (the generic scaled_dot_product_attention is slower on a long cache).
+    (the generic scaled_dot_product_attention is slower on a long cache). With `chunk`, the scores
+    are computed `chunk` keys at a time.
     """
     if scale != 1.0:
         q = q * scale
-    weights = mx.softmax(q @ keys.swapaxes(-1, -2), axis=-1, precise=True)
+    length = keys.shape[2]
+    if chunk is None or length <= chunk:
+        scores = q @ keys.swapaxes(-1, -2)
+    else:
+        parts = [keys[:, :, i : i + chunk] for i in range(0, length, chunk)]
+        scores = mx.concatenate([q @ k.swapaxes(-1, -2) for k in parts], axis=-1)
+    weights = mx.softmax(scores, axis=-1, precise=True)
     return weights.astype(values.dtype) @ values
 
 
@@ -379,8 +392,8 @@ class TokenStep:
         return {"weights": weights, "kv": kv, "total": weights + kv}
 
     def _self_attention(self, q: mx.array, keys: mx.array, values: mx.array) -> mx.array:
-        """Single-query attention over the filled cache; on the CPU, once the cache holds 256
-        positions, half the rows run on a second stream.
+        """Single-query attention over the filled cache; on the CPU, the scores in chunks of
+        SCORE_CHUNK keys and, once the cache holds 256 positions, half the rows on a second stream.
 
         Each head's products are small matrix-vector products that the BLAS runs on one thread, so
         the second core would idle: splitting the rows (e.g. the two CFG halves) over two CPU streams
@@ -390,11 +403,12 @@ class TokenStep:
         """
         half = q.shape[0] // 2
         side = _side_stream()
+        chunk = None if side is None else SCORE_CHUNK
         if half == 0 or side is None or keys.shape[2] < 256:
-            return single_query_attention(q, keys, values)
+            return single_query_attention(q, keys, values, chunk=chunk)
         with mx.stream(side):
-            second = single_query_attention(q[half:], keys[half:], values[half:])
-        first = single_query_attention(q[:half], keys[:half], values[:half])
+            second = single_query_attention(q[half:], keys[half:], values[half:], chunk=chunk)
+        first = single_query_attention(q[:half], keys[:half], values[:half], chunk=chunk)
         return mx.concatenate([first, second])
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from reference import text_states
 
+from musicgen import model
 from musicgen.generate import with_unconditional_rows
 from musicgen.model import (
     MusicgenDecoder,
@@ -16,6 +17,7 @@ from musicgen.model import (
     _side_stream,
     quantize_decoder,
     quantize_weights,
+    single_query_attention,
     sinusoidal_positions,
 )
 
@@ -120,9 +122,12 @@ def test_token_step_rows_without_text(mono, teacher_forced, fold):
         assert step.text_rows == text_rows
 
 
-def test_token_step_long_cache_runs_rows_on_two_streams(mono, teacher_forced):
-    """From 256 cached positions the CPU step runs half the rows on a second stream: the logits
-    are those of the module's forward through the same cache."""
+@pytest.mark.parametrize("chunk", [1024, 128])
+def test_token_step_long_cache_runs_rows_on_two_streams(mono, teacher_forced, monkeypatch, chunk):
+    """From 256 cached positions the CPU step runs half the rows on a second stream, and the scores
+    of more than SCORE_CHUNK keys in chunks (128: 3 chunks of 301 keys): the logits are those of
+    the module's forward through the same cache."""
+    monkeypatch.setattr(model, "SCORE_CHUNK", chunk)
     d = teacher_forced
     cross = mono.cross_states(*with_unconditional_rows(*text_states([0], d["attention_mask"][:1])))
     n = 300
@@ -136,6 +141,21 @@ def test_token_step_long_cache_runs_rows_on_two_streams(mono, teacher_forced):
     # the module's forward, one stream, rewrites position n with the same keys/values
     expected = mono(tokens[:, :, n : n + 1], cross, cache, n)[:, :, 0]
     assert rel_err(logits, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 50, 64])
+def test_single_query_attention_in_chunks(chunk):
+    """softmax(q K^T / sqrt(d)) V, the scores whole or `chunk` keys at a time, equals numpy."""
+    q, k, v = (
+        mx.random.normal(s, key=mx.random.key(i))
+        for i, s in enumerate([(2, 3, 1, 8), (2, 3, 50, 8), (2, 3, 50, 8)])
+    )
+    out = single_query_attention(q, k, v, 8**-0.5, chunk=chunk)
+    s = np.einsum("bhqd,bhkd->bhqk", np.array(q, np.float64), np.array(k, np.float64)) * 8**-0.5
+    w = np.exp(s - s.max(-1, keepdims=True))
+    expected = (w / w.sum(-1, keepdims=True)) @ np.array(v, np.float64)
+    assert out.shape == (2, 3, 1, 8)
+    assert rel_err(out, expected) <= 1e-5
 
 
 def test_token_step_folds_when_it_reads_fewer_bytes(mono, teacher_forced):
