@@ -13,6 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from encodec.encodec import cpu_streams
+from musicgen import _blas
 
 
 @dataclass
@@ -122,19 +123,27 @@ class CrossState:
     has_text: mx.array | None = None  # bool (batch,): False for rows whose mask was all zeros
 
 
-def linear(p: dict, x: mx.array, quantization: tuple[int, int] | None = None) -> mx.array:
+def linear(
+    p: dict,
+    x: mx.array,
+    quantization: tuple[int, int] | None = None,
+    weight_first: bool = False,
+) -> mx.array:
     """x (rows, in) through a linear layer's parameters `p` -> (rows, out).
 
-    Float weights run as W @ x^T: for a few rows that is the matrix-vector form the CPU BLAS streams
-    fastest (about 20 % faster than x @ W^T at 2 rows with OpenBLAS).
+    Float weights run as x @ W^T, or with `weight_first` as W @ x^T: for a few rows that is the
+    matrix-vector form OpenBLAS streams fastest (5-20 % faster at 2 rows), while MKL streams x @ W^T
+    twice as fast as W @ x^T (see `_blas.weight_first`).
     """
     if "scales" in p:
         group_size, bits = quantization
         y = mx.quantized_matmul(
             x, p["weight"], p["scales"], p["biases"], True, group_size=group_size, bits=bits
         )
-    else:
+    elif weight_first:
         y = (p["weight"] @ x.T).T
+    else:
+        y = x @ p["weight"].T
     return y + p["bias"] if "bias" in p else y
 
 
@@ -279,6 +288,7 @@ class TokenStep:
         cross: CrossState,
         cache: list[KVCache],
         fold_cross: bool | None = None,
+        weight_first: bool | None = None,
     ):
         c = decoder.config
         heads, dims = c.num_attention_heads, c.hidden_size
@@ -288,6 +298,9 @@ class TokenStep:
         quant = (
             None if decoder.quant_bits is None else (decoder.quant_group_size, decoder.quant_bits)
         )
+        if weight_first is None:
+            weight_first = _blas.weight_first()
+        lin = partial(linear, quantization=quant, weight_first=weight_first)
         rows = cache[0].keys.shape[0]
         text_rows = rows if cross.has_text is None else _leading_true(cross.has_text.tolist())
         text_len = cross.kv[0][0].shape[2]
@@ -304,14 +317,14 @@ class TokenStep:
             def split(y):
                 return y.reshape(rows, heads, 1, head_dim)
 
-            q = split(linear(a["q_proj"], h, quant) * scale)
-            return q, split(linear(a["k_proj"], h, quant)), split(linear(a["v_proj"], h, quant))
+            q = split(lin(a["q_proj"], h) * scale)
+            return q, split(lin(a["k_proj"], h)), split(lin(a["v_proj"], h))
 
         def cross_attention(e: dict, h: mx.array, keys, values, mask) -> mx.array:
-            q = linear(e["q_proj"], h, quant).reshape(text_rows, heads, 1, head_dim) * scale
+            q = lin(e["q_proj"], h).reshape(text_rows, heads, 1, head_dim) * scale
             scores = mx.where(mask, q @ keys.swapaxes(-1, -2), -mx.inf)
             attn = mx.softmax(scores, axis=-1, precise=True) @ values
-            return linear(e["out_proj"], attn.reshape(text_rows, dims), quant)
+            return lin(e["out_proj"], attn.reshape(text_rows, dims))
 
         def folded_cross_attention(e: dict, h: mx.array, to_scores, from_weights, mask):
             scores = (to_scores @ h[:, :, None]).reshape(text_rows, heads, text_len)
@@ -322,13 +335,13 @@ class TokenStep:
         attend_text = folded_cross_attention if self.fold_cross else cross_attention
 
         def attention_out(p: dict, x, attn, *text):
-            x = x + linear(p["self_attn"]["out_proj"], attn.reshape(rows, dims), quant)
+            x = x + lin(p["self_attn"]["out_proj"], attn.reshape(rows, dims))
             if text_rows:
                 h = layer_norm(p["encoder_attn_layer_norm"], x[:text_rows])
                 y = attend_text(p.get("encoder_attn"), h, *text)
                 x = x + (y if text_rows == rows else mx.pad(y, [(0, rows - text_rows), (0, 0)]))
             h = layer_norm(p["final_layer_norm"], x)
-            return x + linear(p["fc2"], act(linear(p["fc1"], h, quant)), quant)
+            return x + lin(p["fc2"], act(lin(p["fc1"], h)))
 
         def embed(tables: list[mx.array], tokens: mx.array, position: mx.array) -> mx.array:
             x = position
@@ -338,7 +351,7 @@ class TokenStep:
 
         def logits(norm: dict, lm_heads: list[dict], x: mx.array) -> mx.array:
             h = layer_norm(norm, x)
-            return mx.stack([linear(p, h, quant) for p in lm_heads], axis=1).astype(mx.float32)
+            return mx.stack([lin(p, h) for p in lm_heads], axis=1).astype(mx.float32)
 
         self._attention_in = mx.compile(attention_in)
         self._attention_out = mx.compile(attention_out)
@@ -392,8 +405,9 @@ class TokenStep:
         return {"weights": weights, "kv": kv, "total": weights + kv}
 
     def _self_attention(self, q: mx.array, keys: mx.array, values: mx.array) -> mx.array:
-        """Single-query attention over the filled cache; on the CPU, the scores in chunks of
-        SCORE_CHUNK keys and, once the cache holds 256 positions, half the rows on a second stream.
+        """Single-query attention over the filled cache; on the CPU (not with MKL, see `_side_stream`),
+        the scores in chunks of SCORE_CHUNK keys and, once the cache holds 256 positions, half the
+        rows on a second stream.
 
         Each head's products are small matrix-vector products that the BLAS runs on one thread, so
         the second core would idle: splitting the rows (e.g. the two CFG halves) over two CPU streams
@@ -456,8 +470,14 @@ def _nbytes(tree) -> int:
 
 
 def _side_stream() -> mx.Stream | None:
-    """A second CPU stream (shared with EnCodec's) when running on the CPU, else None."""
-    return cpu_streams()[0] if mx.default_device() == mx.cpu else None
+    """A second CPU stream (shared with EnCodec's) for the attention of half the rows, or None.
+
+    None on a GPU, and with MKL: its small products are threaded, and two streams calling them at
+    once run slower than one (24 layers at 1450 positions: 47 ms on one stream, 65 ms split).
+    """
+    if mx.default_device() != mx.cpu or _blas.kind == "mkl":
+        return None
+    return cpu_streams()[0]
 
 
 class MusicgenDecoder(nn.Module):
@@ -511,10 +531,14 @@ class MusicgenDecoder(nn.Module):
         ]
 
     def token_step(
-        self, cross: CrossState, cache: list[KVCache], fold_cross: bool | None = None
+        self,
+        cross: CrossState,
+        cache: list[KVCache],
+        fold_cross: bool | None = None,
+        weight_first: bool | None = None,
     ) -> TokenStep:
         """The fast single-token step of a generation over `cross` and `cache` (see TokenStep)."""
-        return TokenStep(self, cross, cache, fold_cross)
+        return TokenStep(self, cross, cache, fold_cross, weight_first)
 
     def embed(self, tokens: mx.array) -> mx.array:
         """Sum of the per-codebook embeddings of tokens (batch, codebooks, len) -> (batch, len, dims)."""

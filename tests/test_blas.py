@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from musicgen import _blas
+
 ROOT = Path(__file__).resolve().parent.parent
 DEBIAN_OPENBLAS = next(
     (
@@ -23,6 +25,9 @@ DEBIAN_OPENBLAS = next(
     ),
     None,
 )
+MKL = next(iter(_blas.mkl_paths()), None)
+# what MUSICGEN_MLX_BLAS unset picks: MKL on an Intel CPU when the mkl wheel is installed, else OpenBLAS
+AUTO = MKL if MKL and _blas.intel_cpu() else DEBIAN_OPENBLAS
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux loader only")
 
 # Import one package alone, then report what the loader did and which libraries the process mapped.
@@ -34,12 +39,12 @@ import mlx.core as mx
 assert (mx.ones((4, 4)) @ mx.ones((4, 4))).sum().item() == 64
 maps = open("/proc/self/maps").read() if sys.platform.startswith("linux") else ""
 timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
-print(json.dumps({{"loaded": _blas.loaded, "maps": maps, "timeout": timeout}}))
+print(json.dumps({{"loaded": _blas.loaded, "kind": _blas.kind, "maps": maps, "timeout": timeout}}))
 """
 
 
 def probe(package: str, setting: str | None, **extra: str) -> tuple[dict, str]:
-    drop = ("MUSICGEN_MLX_BLAS", "OPENBLAS_THREAD_TIMEOUT")
+    drop = ("MUSICGEN_MLX_BLAS", "OPENBLAS_THREAD_TIMEOUT", "MKL_THREADING_LAYER")
     env = {k: v for k, v in os.environ.items() if k not in drop} | extra
     if setting is not None:
         env["MUSICGEN_MLX_BLAS"] = setting
@@ -69,12 +74,62 @@ def test_turned_off_loads_nothing(package):
     DEBIAN_OPENBLAS is None, reason="Debian's libopenblas0-pthread is not installed"
 )
 @pytest.mark.parametrize("package", ["t5", "encodec"])
-@pytest.mark.parametrize("setting", [None, "path"])
+@pytest.mark.parametrize("setting", ["openblas", "path"])
 def test_each_package_alone_loads_openblas_before_mlx(package, setting):
     result, err = probe(package, DEBIAN_OPENBLAS if setting == "path" else setting)
-    assert result["loaded"] == DEBIAN_OPENBLAS
+    assert result["loaded"] == DEBIAN_OPENBLAS and result["kind"] == "openblas"
     assert os.path.realpath(DEBIAN_OPENBLAS) in result["maps"]
     assert "MUSICGEN_MLX_BLAS" not in err
+
+
+@linux_only
+@pytest.mark.skipif(
+    AUTO is None, reason="neither MKL (Intel CPU) nor Debian's OpenBLAS is installed"
+)
+@pytest.mark.parametrize("package", ["t5", "encodec", "musicgen"])
+def test_by_default_mkl_on_intel_else_openblas(package):
+    result, err = probe(package, None)
+    assert result["loaded"] == AUTO
+    assert os.path.realpath(AUTO) in result["maps"]
+    assert result["kind"] == ("mkl" if AUTO == MKL else "openblas")
+    assert "MUSICGEN_MLX_BLAS" not in err
+
+
+@linux_only
+@pytest.mark.skipif(MKL is None, reason="the mkl wheel is not installed (uv sync --extra mkl)")
+def test_mkl_when_asked_with_intel_openmp_for_its_threads():
+    result, err = probe("musicgen", "mkl")
+    assert result["loaded"] == MKL and result["kind"] == "mkl"
+    assert os.path.realpath(MKL) in result["maps"]
+    assert "libiomp5.so" in result["maps"]  # loaded first: MKL's default threading layer needs it
+    assert "MUSICGEN_MLX_BLAS" not in err
+
+
+@pytest.mark.parametrize(
+    "setting, expected",
+    [("/x/libblas.so", ["/x/libblas.so"]), ("openblas", None), ("mkl", None), ("1", None)],
+)
+def test_candidates_follow_the_setting(setting, expected):
+    paths, chosen = _blas.candidates(setting)
+    assert chosen == (setting != "1")
+    if expected is not None:
+        assert paths == expected
+    elif setting == "openblas":
+        assert paths == [p for p in _blas.OPENBLAS if os.path.exists(p)] or len(paths) == 1
+    elif setting == "mkl":
+        assert paths == (_blas.mkl_paths() or paths) and len(paths) >= 1
+    else:
+        assert paths[-len(_blas.OPENBLAS) :] == list(_blas.OPENBLAS)
+        assert paths[: -len(_blas.OPENBLAS)] == (_blas.mkl_paths() if _blas.intel_cpu() else [])
+
+
+def test_kind_and_product_form_follow_the_library(monkeypatch):
+    assert _blas.kind_of("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3") == "openblas"
+    assert _blas.kind_of("/venv/lib/libmkl_rt.so.3") == "mkl"
+    assert _blas.kind_of("/opt/lib/libblis.so.4") == "other"
+    for kind, weight_first in (("openblas", True), ("mkl", False), ("other", False), (None, False)):
+        monkeypatch.setattr(_blas, "kind", kind)
+        assert _blas.weight_first() is weight_first
 
 
 @linux_only
@@ -103,9 +158,9 @@ def test_a_file_that_is_not_a_library_warns(tmp_path):
 )
 def test_openblas_workers_spin_briefly_unless_told_otherwise():
     """OpenBLAS reads OPENBLAS_THREAD_TIMEOUT when it loads: short by default, the user's value kept."""
-    result, _ = probe("musicgen", None)
+    result, _ = probe("musicgen", "openblas")
     assert result["loaded"] == DEBIAN_OPENBLAS and result["timeout"] == "4"
-    result, _ = probe("musicgen", None, OPENBLAS_THREAD_TIMEOUT="20")
+    result, _ = probe("musicgen", "openblas", OPENBLAS_THREAD_TIMEOUT="20")
     assert result["timeout"] == "20"
     result, _ = probe("musicgen", "0")
     assert result["loaded"] is None and result["timeout"] is None

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from reference import text_states
 
-from musicgen import model
+from musicgen import _blas, model
 from musicgen.generate import with_unconditional_rows
 from musicgen.model import (
     MusicgenDecoder,
@@ -64,10 +64,10 @@ def test_incremental_decoding_with_cache_matches_full_forward(mono, teacher_forc
     assert rel_err(np.concatenate([chunk, *rest], axis=2), full) <= 1e-5
 
 
-def token_step_logits(decoder, tokens, cross, fold_cross=None) -> np.ndarray:
+def token_step_logits(decoder, tokens, cross, fold_cross=None, weight_first=None) -> np.ndarray:
     """Logits of every position through the generation step (TokenStep), one token at a time."""
     cache = decoder.make_cache(tokens.shape[0], tokens.shape[-1] + 3)
-    step = decoder.token_step(cross, cache, fold_cross)
+    step = decoder.token_step(cross, cache, fold_cross, weight_first)
     logits = [np.array(step(tokens[:, :, i], i)) for i in range(tokens.shape[-1])]
     return np.stack(logits, axis=2)
 
@@ -76,10 +76,11 @@ FOLDS = pytest.mark.parametrize("fold", [False, True], ids=["projections", "fold
 
 
 @FOLDS
-def test_token_step_matches_full_forward(mono, teacher_forced, fold):
+@pytest.mark.parametrize("weight_first", [False, True], ids=["x@W^T", "W@x^T"])
+def test_token_step_matches_full_forward(mono, teacher_forced, fold, weight_first):
     """The compiled generation step (padded text mask, unconditional all-zero-mask rows), with the
-    cross-attention projections applied or folded, equals the teacher-forced forward, which equals
-    transformers."""
+    cross-attention projections applied or folded, the products in either form (MKL's, OpenBLAS'),
+    equals the teacher-forced forward, which equals transformers."""
     d = teacher_forced
     states, mask = text_states([0, 1], d["attention_mask"])
     states = mx.concatenate([states, mx.zeros_like(states)])
@@ -88,7 +89,7 @@ def test_token_step_matches_full_forward(mono, teacher_forced, fold):
     tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)
     tokens = mx.concatenate([tokens, tokens])
     full = np.array(mono(tokens, cross))
-    steps = token_step_logits(mono, tokens, cross, fold)
+    steps = token_step_logits(mono, tokens, cross, fold, weight_first)
     assert mono.token_step(cross, mono.make_cache(4, 1), fold).text_rows == 2  # CFG: 2 + 2
     assert steps.dtype == np.float32 and steps.shape == full.shape
     assert rel_err(steps, full) <= 1e-5
@@ -128,6 +129,7 @@ def test_token_step_long_cache_runs_rows_on_two_streams(mono, teacher_forced, mo
     of more than SCORE_CHUNK keys in chunks (128: 3 chunks of 301 keys): the logits are those of
     the module's forward through the same cache."""
     monkeypatch.setattr(model, "SCORE_CHUNK", chunk)
+    monkeypatch.setattr(_blas, "kind", "openblas")  # MKL would run it on one stream
     d = teacher_forced
     cross = mono.cross_states(*with_unconditional_rows(*text_states([0], d["attention_mask"][:1])))
     n = 300
