@@ -15,6 +15,7 @@ from musicgen.model import (
     MusicgenDecoder,
     MusicgenDecoderConfig,
     _side_stream,
+    exp_nonpositive,
     quantize_decoder,
     quantize_weights,
     single_query_attention,
@@ -123,13 +124,17 @@ def test_token_step_rows_without_text(mono, teacher_forced, fold):
         assert step.text_rows == text_rows
 
 
-@pytest.mark.parametrize("chunk", [1024, 128])
-def test_token_step_long_cache_runs_rows_on_two_streams(mono, teacher_forced, monkeypatch, chunk):
-    """From 256 cached positions the CPU step runs half the rows on a second stream, and the scores
-    of more than SCORE_CHUNK keys in chunks (128: 3 chunks of 301 keys): the logits are those of
-    the module's forward through the same cache."""
+@pytest.mark.parametrize(
+    "blas, chunk, fast_from", [("openblas", 1024, 512), ("openblas", 128, 512), ("mkl", 1024, 64)]
+)
+def test_token_step_long_cache(mono, teacher_forced, monkeypatch, blas, chunk, fast_from):
+    """A long cache (301 positions): without MKL the CPU step runs half the rows on a second stream
+    and the scores of more than SCORE_CHUNK keys in chunks (128: 3 chunks); with MKL one stream and,
+    from FAST_EXP_FROM keys, the softmax with `exp_nonpositive`. The logits are those of the
+    module's forward through the same cache."""
     monkeypatch.setattr(model, "SCORE_CHUNK", chunk)
-    monkeypatch.setattr(_blas, "kind", "openblas")  # MKL would run it on one stream
+    monkeypatch.setattr(model, "FAST_EXP_FROM", fast_from)
+    monkeypatch.setattr(_blas, "kind", blas)
     d = teacher_forced
     cross = mono.cross_states(*with_unconditional_rows(*text_states([0], d["attention_mask"][:1])))
     n = 300
@@ -137,7 +142,7 @@ def test_token_step_long_cache_runs_rows_on_two_streams(mono, teacher_forced, mo
     cache = mono.make_cache(2, n + 1)
     mono(tokens[:, :, :n], cross, cache, 0)  # prefill positions 0..n-1
     step = mono.token_step(cross, cache)
-    assert mx.default_device() == mx.cpu and _side_stream() is not None
+    assert mx.default_device() == mx.cpu and (_side_stream() is None) == (blas == "mkl")
     logits = step(tokens[:, :, n], n)
     mx.eval(logits)
     # the module's forward, one stream, rewrites position n with the same keys/values
@@ -145,19 +150,31 @@ def test_token_step_long_cache_runs_rows_on_two_streams(mono, teacher_forced, mo
     assert rel_err(logits, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("fast_exp", [False, True])
 @pytest.mark.parametrize("chunk", [None, 7, 50, 64])
-def test_single_query_attention_in_chunks(chunk):
-    """softmax(q K^T / sqrt(d)) V, the scores whole or `chunk` keys at a time, equals numpy."""
+def test_single_query_attention_in_chunks(chunk, fast_exp):
+    """softmax(q K^T / sqrt(d)) V, the scores whole or `chunk` keys at a time, with MLX's softmax or
+    `exp_nonpositive`, equals numpy."""
     q, k, v = (
-        mx.random.normal(s, key=mx.random.key(i))
+        4 * mx.random.normal(s, key=mx.random.key(i))
         for i, s in enumerate([(2, 3, 1, 8), (2, 3, 50, 8), (2, 3, 50, 8)])
     )
-    out = single_query_attention(q, k, v, 8**-0.5, chunk=chunk)
+    out = single_query_attention(q, k, v, 8**-0.5, chunk=chunk, fast_exp=fast_exp)
     s = np.einsum("bhqd,bhkd->bhqk", np.array(q, np.float64), np.array(k, np.float64)) * 8**-0.5
     w = np.exp(s - s.max(-1, keepdims=True))
     expected = (w / w.sum(-1, keepdims=True)) @ np.array(v, np.float64)
     assert out.shape == (2, 3, 1, 8)
     assert rel_err(out, expected) <= 1e-5
+
+
+def test_exp_nonpositive_is_within_2e_7():
+    x = mx.concatenate([mx.linspace(-87.0, 0.0, 200_001), mx.array([-0.0, -1e-30, -1e-6])])
+    y = np.array(exp_nonpositive(x), np.float64)
+    expected = np.exp(np.array(x, np.float64))
+    assert np.max(np.abs(y - expected) / expected) <= 2e-7
+    assert y[-3] == 1.0
+    below = np.array(exp_nonpositive(mx.array([-88.0, -1000.0, -np.inf])))
+    assert np.all((below > 0) & (below <= np.exp(-87.0) * (1 + 1e-6)))  # clamped at exp(-87)
 
 
 def test_token_step_folds_when_it_reads_fewer_bytes(mono, teacher_forced):
