@@ -448,11 +448,11 @@ class TokenStep:
     def _self_attention(self, q: mx.array, keys: mx.array, values: mx.array) -> mx.array:
         """Single-query attention over the filled cache. On the CPU with MKL: one stream, and from
         FAST_EXP_FROM keys the softmax with `exp_nonpositive` (steps at ~750 / ~1450: 99.4 -> 93.1 /
-        111.7 -> 103.9 ms; with OpenBLAS it measured slower). Otherwise on the CPU: the scores in
+        111.7 -> 103.9 ms; with OpenBLAS no gain: 184.2 -> 188.2 / 208.0 -> 207.3 ms). Otherwise on the CPU: the scores in
         chunks of SCORE_CHUNK keys and, once the cache holds 256 positions, half the rows on a
         second stream.
 
-        Each head's products are small matrix-vector products that the BLAS runs on one thread, so
+        Each head's products are small matrix-vector products that OpenBLAS runs on one thread, so
         the second core would idle: splitting the rows (e.g. the two CFG halves) over two CPU streams
         makes the attention of a long cache almost twice as fast. Below ~256 positions the streams'
         synchronisation costs more than it saves (measured: 24 layers at 50 positions, 4.6 ms split
