@@ -26,8 +26,8 @@ DEBIAN_OPENBLAS = next(
     None,
 )
 MKL = next(iter(_blas.mkl_paths()), None)
-# what MUSICGEN_MLX_BLAS unset picks: MKL on an Intel CPU when the mkl wheel is installed, else OpenBLAS
-AUTO = MKL if MKL and _blas.intel_cpu() else DEBIAN_OPENBLAS
+# what MUSICGEN_MLX_BLAS unset picks: MKL when the mkl wheel is installed, else Debian's OpenBLAS
+AUTO = MKL or DEBIAN_OPENBLAS
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux loader only")
 
 # Import one package alone, then report what the loader did and which libraries the process mapped.
@@ -84,10 +84,10 @@ def test_each_package_alone_loads_openblas_before_mlx(package, setting):
 
 @linux_only
 @pytest.mark.skipif(
-    AUTO is None, reason="neither MKL (Intel CPU) nor Debian's OpenBLAS is installed"
+    AUTO is None, reason="neither MKL nor Debian's OpenBLAS is installed"
 )
 @pytest.mark.parametrize("package", ["t5", "encodec", "musicgen"])
-def test_by_default_mkl_on_intel_else_openblas(package):
+def test_by_default_mkl_when_installed_else_openblas(package):
     result, err = probe(package, None)
     assert result["loaded"] == AUTO
     assert os.path.realpath(AUTO) in result["maps"]
@@ -120,15 +120,18 @@ def test_candidates_follow_the_setting(setting, expected):
         assert paths == (_blas.mkl_paths() or paths) and len(paths) >= 1
     else:
         assert paths[-len(_blas.OPENBLAS) :] == list(_blas.OPENBLAS)
-        assert paths[: -len(_blas.OPENBLAS)] == (_blas.mkl_paths() if _blas.intel_cpu() else [])
+        assert paths[: -len(_blas.OPENBLAS)] == _blas.mkl_paths()
 
 
 def test_kind_and_product_form_follow_the_library(monkeypatch):
     assert _blas.kind_of("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3") == "openblas"
     assert _blas.kind_of("/venv/lib/libmkl_rt.so.3") == "mkl"
     assert _blas.kind_of("/opt/lib/libblis.so.4") == "other"
-    for kind, weight_first in (("openblas", True), ("mkl", False), ("other", False), (None, False)):
+    cases = [("openblas", None, True), ("other", None, False), (None, None, False)]
+    cases += [("mkl", True, False), ("mkl", False, True)]  # MKL: x @ W^T on Intel, W @ x^T elsewhere
+    for kind, intel, weight_first in cases:
         monkeypatch.setattr(_blas, "kind", kind)
+        monkeypatch.setattr(_blas, "intel_cpu", lambda intel=intel: intel)
         assert _blas.weight_first() is weight_first
 
 
