@@ -83,9 +83,7 @@ def test_each_package_alone_loads_openblas_before_mlx(package, setting):
 
 
 @linux_only
-@pytest.mark.skipif(
-    AUTO is None, reason="neither MKL nor Debian's OpenBLAS is installed"
-)
+@pytest.mark.skipif(AUTO is None, reason="neither MKL nor Debian's OpenBLAS is installed")
 @pytest.mark.parametrize("package", ["t5", "encodec", "musicgen"])
 def test_by_default_mkl_when_installed_else_openblas(package):
     result, err = probe(package, None)
@@ -128,7 +126,8 @@ def test_kind_and_product_form_follow_the_library(monkeypatch):
     assert _blas.kind_of("/venv/lib/libmkl_rt.so.3") == "mkl"
     assert _blas.kind_of("/opt/lib/libblis.so.4") == "other"
     cases = [("openblas", None, True), ("other", None, False), (None, None, False)]
-    cases += [("mkl", True, False), ("mkl", False, True)]  # MKL: x @ W^T on Intel, W @ x^T elsewhere
+    # MKL: x @ W^T on an Intel CPU, W @ x^T on others
+    cases += [("mkl", True, False), ("mkl", False, True)]
     for kind, intel, weight_first in cases:
         monkeypatch.setattr(_blas, "kind", kind)
         monkeypatch.setattr(_blas, "intel_cpu", lambda intel=intel: intel)
