@@ -175,6 +175,7 @@ def test_exp_nonpositive_is_within_2e_7():
     assert y[-3] == 1.0
     below = np.array(exp_nonpositive(mx.array([-88.0, -1000.0, -np.inf])))
     assert np.all((below > 0) & (below <= np.exp(-87.0) * (1 + 1e-6)))  # clamped at exp(-87)
+    assert np.isnan(np.array(exp_nonpositive(mx.array([np.nan])))).all()
 
 
 def test_token_step_folds_when_it_reads_fewer_bytes(mono, teacher_forced):
