@@ -83,9 +83,8 @@ def candidates(setting: str) -> tuple[list[str], bool]:
 def _prepare_mkl(path: str) -> None:
     """MKL's threads: Intel OpenMP loaded globally when it sits next to MKL, else GNU OpenMP, else one."""
     iomp = Path(path).with_name("libiomp5.so")
-    if (
-        iomp.exists()
-    ):  # also when the user set MKL_THREADING_LAYER=INTEL: MKL does not load it itself
+    # loaded also when the user set MKL_THREADING_LAYER=INTEL: MKL does not load it itself
+    if iomp.exists():
         ctypes.CDLL(str(iomp), mode=ctypes.RTLD_GLOBAL)
     elif "MKL_THREADING_LAYER" not in os.environ:
         os.environ["MKL_THREADING_LAYER"] = (
