@@ -91,7 +91,7 @@ def matvec_rates(w, x, repeats: int, skip: int = 2) -> dict:
     """Median bytes/s of W @ x, x @ W.T and x @ W over `repeats` products (the first `skip` warm up).
 
     The bound takes the fastest: the BLAS streams the same matrix at different rates in each form
-    (OpenBLAS 0.3.21 on an AMD EPYC, 8192 x 8192: 15-17, 20-22 and 22 GB/s).
+    (OpenBLAS 0.3.21's AVX2 kernels on an AMD EPYC, 8192 x 8192: 15-17, 20-22 and 22 GB/s).
     """
     import mlx.core as mx
 

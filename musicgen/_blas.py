@@ -13,8 +13,12 @@ A warning (RuntimeWarning) when the chosen one is missing or does not load; MLX 
 OpenBLAS's worker threads spin for about 2^28 cycles after each call before they sleep. The decoder's
 attention runs on two MLX CPU streams between those calls, and a spinning worker takes a core from them (a
 step at 1450 positions: 145 -> 120 ms on 2 cores), so OPENBLAS_THREAD_TIMEOUT defaults to 4 (spin 2^4 cycles)
-unless it is already set. MKL runs its threads with Intel OpenMP (libiomp5, from the `intel-openmp` wheel next
-to it), else GNU OpenMP, else one thread (MKL_THREADING_LAYER, unless already set).
+unless it is already set. OpenBLAS picks its kernels for the CPU (`core`, e.g. Haswell for AVX2, Cooperlake
+for AVX-512) unless OPENBLAS_CORETYPE names them: an AVX2 set named on an AVX-512 CPU costs 7-12 % per step
+(an AMD EPYC VM at positions 100 / 750 / 1450: 85-86 / 97-98 / 112-115 ms against 79-83 / 88-93 / 98-105 ms;
+the attention's small per-head products of 24 layers at 1450 positions: 45 against 27 ms). MKL runs its threads with Intel
+OpenMP (libiomp5, from the `intel-openmp` wheel next to it), else GNU OpenMP, else one thread
+(MKL_THREADING_LAYER, unless already set).
 
 Every package that imports mlx (`musicgen`, `t5`, `encodec`) calls load_blas() first in its __init__, so
 `import t5` or `import encodec` alone gets it too. The first call decides; later calls return its result.
@@ -40,11 +44,15 @@ OPENBLAS = (
 
 #: OpenBLAS worker spin before sleeping, as log2(cycles): short, so idle workers leave the cores to MLX's streams.
 THREAD_TIMEOUT = "4"
+#: OpenBLAS's cores (its names for its kernel sets) that run its AVX-512 float32 kernels.
+AVX512_CORES = frozenset({"SkylakeX", "Cooperlake", "SapphireRapids"})
 
 #: Path of the BLAS library loaded for MLX, or None (macOS, turned off, or none found).
 loaded: str | None = None
 #: "mkl", "openblas" or "other" (a library picked by path), None when none was loaded.
 kind: str | None = None
+#: The kernels OpenBLAS picked (its core name, e.g. "Haswell" or "SkylakeX"), None for other libraries.
+core: str | None = None
 _tried = False  # load_blas ran once before mlx was imported: its answer stands
 
 
@@ -80,6 +88,15 @@ def candidates(setting: str) -> tuple[list[str], bool]:
     return mkl_paths() + list(OPENBLAS), False
 
 
+def openblas_core(library: ctypes.CDLL) -> str | None:
+    try:
+        name = library.openblas_get_corename
+    except AttributeError:
+        return None
+    name.restype = ctypes.c_char_p
+    return name().decode()
+
+
 def _prepare_mkl(path: str) -> None:
     """MKL's threads: Intel OpenMP loaded globally when it sits next to MKL, else GNU OpenMP, else one."""
     iomp = Path(path).with_name("libiomp5.so")
@@ -94,7 +111,7 @@ def _prepare_mkl(path: str) -> None:
 
 def load_blas() -> str | None:
     """Load a BLAS globally if on Linux, not disabled, and mlx is not imported yet; return its path."""
-    global loaded, kind, _tried
+    global loaded, kind, core, _tried
     setting = os.environ.get("MUSICGEN_MLX_BLAS", "1").strip()
     if (
         _tried
@@ -115,11 +132,11 @@ def load_blas() -> str | None:
                     stacklevel=2,
                 )
             continue
-        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", THREAD_TIMEOUT)  # read when it loads
         try:
             if kind_of(path) == "mkl":
                 _prepare_mkl(path)
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", THREAD_TIMEOUT)  # read when it loads
+            library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError as e:
             if chosen:
                 warnings.warn(
@@ -128,7 +145,7 @@ def load_blas() -> str | None:
                     stacklevel=2,
                 )
             continue
-        loaded, kind = path, kind_of(path)
+        loaded, kind, core = path, kind_of(path), openblas_core(library)
         break
     return loaded
 
@@ -136,11 +153,15 @@ def load_blas() -> str | None:
 def weight_first() -> bool:
     """Whether a product of a few rows runs faster as W @ x^T than as x @ W^T.
 
-    Yes with OpenBLAS (its column-major matrix-vector form, 5-20 % faster for 2 rows) and with MKL on
-    other CPUs than Intel's (an AMD EPYC step at ~100 positions: 64 vs 92-101 ms; x @ W^T streams a
-    1024 x 4096 weight at half the rate there); no with MKL on an Intel CPU (W @ x^T: 112 vs 70 ms).
+    Yes with OpenBLAS's AVX2 kernels (its column-major matrix-vector form, 5-20 % faster for 2 rows),
+    not with its AVX-512 kernels on an AMD CPU (which it picks on a Zen 4: there x @ W^T gives a step
+    at 100 / 1450 positions of 79-82 / 98-105 ms against 82-83 / 103-105 ms); yes with MKL on other CPUs than Intel's (an AMD EPYC step at ~100 positions:
+    64 vs 92-101 ms; x @ W^T streams a 1024 x 4096 weight at half the rate there); no with MKL on an
+    Intel CPU (W @ x^T: 112 vs 70 ms).
     """
-    return kind == "openblas" or (kind == "mkl" and not intel_cpu())
+    if kind == "openblas":
+        return not (core in AVX512_CORES and not intel_cpu())
+    return kind == "mkl" and not intel_cpu()
 
 
 def describe() -> str:
@@ -148,4 +169,7 @@ def describe() -> str:
     if sys.platform == "darwin":
         return "Accelerate (macOS)"
     names = {"mkl": "Intel MKL", "openblas": "OpenBLAS", "other": "BLAS"}
-    return f"{names[kind]} ({loaded})" if loaded else "MLX bundled reference BLAS"
+    if not loaded:
+        return "MLX bundled reference BLAS"
+    kernels = f", {core} kernels" if core else ""
+    return f"{names[kind]}{kernels} ({loaded})"

@@ -39,12 +39,18 @@ import mlx.core as mx
 assert (mx.ones((4, 4)) @ mx.ones((4, 4))).sum().item() == 64
 maps = open("/proc/self/maps").read() if sys.platform.startswith("linux") else ""
 timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
-print(json.dumps({{"loaded": _blas.loaded, "kind": _blas.kind, "maps": maps, "timeout": timeout}}))
+print(json.dumps({{"loaded": _blas.loaded, "kind": _blas.kind, "core": _blas.core,
+                  "describe": _blas.describe(), "maps": maps, "timeout": timeout}}))
 """
 
 
 def probe(package: str, setting: str | None, **extra: str) -> tuple[dict, str]:
-    drop = ("MUSICGEN_MLX_BLAS", "OPENBLAS_THREAD_TIMEOUT", "MKL_THREADING_LAYER")
+    drop = (
+        "MUSICGEN_MLX_BLAS",
+        "OPENBLAS_THREAD_TIMEOUT",
+        "OPENBLAS_CORETYPE",
+        "MKL_THREADING_LAYER",
+    )
     env = {k: v for k, v in os.environ.items() if k not in drop} | extra
     if setting is not None:
         env["MUSICGEN_MLX_BLAS"] = setting
@@ -125,11 +131,17 @@ def test_kind_and_product_form_follow_the_library(monkeypatch):
     assert _blas.kind_of("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3") == "openblas"
     assert _blas.kind_of("/venv/lib/libmkl_rt.so.3") == "mkl"
     assert _blas.kind_of("/opt/lib/libblis.so.4") == "other"
-    cases = [("openblas", None, True), ("other", None, False), (None, None, False)]
+    # (kind, OpenBLAS core, Intel CPU, W @ x^T?)
+    cases = [("other", None, False, False), (None, None, False, False)]
+    # OpenBLAS: W @ x^T, except x @ W^T with its AVX-512 kernels on an AMD CPU
+    cases += [("openblas", "Haswell", False, True), ("openblas", "Haswell", True, True)]
+    cases += [("openblas", "Cooperlake", False, False), ("openblas", "SkylakeX", False, False)]
+    cases += [("openblas", "SkylakeX", True, True), ("openblas", None, False, True)]
     # MKL: x @ W^T on an Intel CPU, W @ x^T on others
-    cases += [("mkl", True, False), ("mkl", False, True)]
-    for kind, intel, weight_first in cases:
+    cases += [("mkl", None, True, False), ("mkl", None, False, True)]
+    for kind, core, intel, weight_first in cases:
         monkeypatch.setattr(_blas, "kind", kind)
+        monkeypatch.setattr(_blas, "core", core)
         monkeypatch.setattr(_blas, "intel_cpu", lambda intel=intel: intel)
         assert _blas.weight_first() is weight_first
 
@@ -166,3 +178,20 @@ def test_openblas_workers_spin_briefly_unless_told_otherwise():
     assert result["timeout"] == "20"
     result, _ = probe("musicgen", "0")
     assert result["loaded"] is None and result["timeout"] is None
+
+
+@linux_only
+@pytest.mark.skipif(
+    DEBIAN_OPENBLAS is None or "x86_64" not in DEBIAN_OPENBLAS,
+    reason="Debian's x86_64 libopenblas0-pthread is not installed",
+)
+def test_the_kernels_openblas_runs_are_reported():
+    """The loader asks OpenBLAS which kernels it picked: OPENBLAS_CORETYPE's when set, else its own."""
+    for named in ("Sandybridge", "Haswell"):
+        result, _ = probe("musicgen", "openblas", OPENBLAS_CORETYPE=named)
+        assert result["core"] == named
+        assert result["describe"] == f"OpenBLAS, {named} kernels ({DEBIAN_OPENBLAS})"
+    result, _ = probe("musicgen", "openblas")
+    assert result["core"] not in (None, "", "Sandybridge")
+    result, _ = probe("musicgen", "0")
+    assert result["core"] is None and result["describe"] == "MLX bundled reference BLAS"
