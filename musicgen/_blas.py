@@ -172,4 +172,6 @@ def describe() -> str:
     if not loaded:
         return "MLX bundled reference BLAS"
     kernels = f", {core} kernels" if core else ""
+    if core and os.environ.get("OPENBLAS_CORETYPE"):
+        kernels += " (OPENBLAS_CORETYPE)"  # named by the user, not picked for the CPU
     return f"{names[kind]}{kernels} ({loaded})"

@@ -190,8 +190,10 @@ def test_the_kernels_openblas_runs_are_reported():
     for named in ("Sandybridge", "Haswell"):
         result, _ = probe("musicgen", "openblas", OPENBLAS_CORETYPE=named)
         assert result["core"] == named
-        assert result["describe"] == f"OpenBLAS, {named} kernels ({DEBIAN_OPENBLAS})"
+        expected = f"OpenBLAS, {named} kernels (OPENBLAS_CORETYPE) ({DEBIAN_OPENBLAS})"
+        assert result["describe"] == expected
     result, _ = probe("musicgen", "openblas")
     assert result["core"] not in (None, "", "Sandybridge")
+    assert result["describe"] == f"OpenBLAS, {result['core']} kernels ({DEBIAN_OPENBLAS})"
     result, _ = probe("musicgen", "0")
     assert result["core"] is None and result["describe"] == "MLX bundled reference BLAS"
