@@ -16,9 +16,9 @@ step at 1450 positions: 145 -> 120 ms on 2 cores), so OPENBLAS_THREAD_TIMEOUT de
 unless it is already set. OpenBLAS picks its kernels for the CPU (`core`, e.g. Haswell for AVX2, Cooperlake
 for AVX-512) unless OPENBLAS_CORETYPE names them: an AVX2 set named on an AVX-512 CPU costs 7-12 % per step
 (an AMD EPYC VM at positions 100 / 750 / 1450: 85-86 / 97-98 / 112-115 ms against 79-83 / 88-93 / 98-105 ms;
-the attention's small per-head products of 24 layers at 1450 positions: 45 against 27 ms). MKL runs its threads with Intel
-OpenMP (libiomp5, from the `intel-openmp` wheel next to it), else GNU OpenMP, else one thread
-(MKL_THREADING_LAYER, unless already set).
+the attention's small per-head products of 24 layers at 1450 positions: 45 against 27 ms). MKL runs its
+threads with Intel OpenMP (libiomp5, from the `intel-openmp` wheel next to it), else GNU OpenMP, else one
+thread (MKL_THREADING_LAYER, unless already set).
 
 Every package that imports mlx (`musicgen`, `t5`, `encodec`) calls load_blas() first in its __init__, so
 `import t5` or `import encodec` alone gets it too. The first call decides; later calls return its result.
@@ -154,10 +154,10 @@ def weight_first() -> bool:
     """Whether a product of a few rows runs faster as W @ x^T than as x @ W^T.
 
     Yes with OpenBLAS's AVX2 kernels (its column-major matrix-vector form, 5-20 % faster for 2 rows),
-    not with its AVX-512 kernels on an AMD CPU (which it picks on a Zen 4: there x @ W^T gives a step
-    at 100 / 1450 positions of 79-82 / 98-105 ms against 82-83 / 103-105 ms); yes with MKL on other CPUs than Intel's (an AMD EPYC step at ~100 positions:
-    64 vs 92-101 ms; x @ W^T streams a 1024 x 4096 weight at half the rate there); no with MKL on an
-    Intel CPU (W @ x^T: 112 vs 70 ms).
+    not with its AVX-512 kernels on an AMD CPU (which it picks on a Zen 4: there x @ W^T gives a step at
+    100 / 1450 positions of 79-82 / 98-105 ms against 82-83 / 103-105 ms); yes with MKL on other CPUs
+    than Intel's (an AMD EPYC step at ~100 positions: 64 vs 92-101 ms; x @ W^T streams a 1024 x 4096
+    weight at half the rate there); no with MKL on an Intel CPU (W @ x^T: 112 vs 70 ms).
     """
     if kind == "openblas":
         return not (core in AVX512_CORES and not intel_cpu())
