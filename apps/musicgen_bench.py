@@ -30,6 +30,8 @@ from pathlib import Path
 import musicgen  # noqa: F401  (loads OpenBLAS before anything imports mlx)
 
 WINDOWS = {"100": (50, 150), "750": (700, 800), "1450": (1400, 1500)}
+# Environment variables that change how the BLAS runs (reported: a VM image may set them for every process).
+BLAS_ENV_PREFIXES = ("MUSICGEN_MLX_BLAS", "OPENBLAS_", "GOTO_", "MKL_", "KMP_", "OMP_")
 PROMPT = "80s pop track with bassy drums and synth"
 
 
@@ -70,6 +72,11 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
+
+
+def blas_env() -> dict[str, str]:
+    """The BLAS settings in this process's environment (those musicgen's loader set included)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(BLAS_ENV_PREFIXES)}
 
 
 def max_rss_bytes() -> int:
@@ -255,6 +262,7 @@ def worker_generate(args: dict) -> dict:
         "versions": {"mlx": mx.__version__},
         "backend": backend(),
         "blas": _blas.describe(),
+        "blas_env": blas_env(),
         "dtype": str(model.decoder.dtype).removeprefix("mlx.core."),
         "quantize": args["quantize"],
         "load_s": load,
@@ -394,6 +402,8 @@ def print_table(report: dict) -> None:
         + (f", {ours['quantize']}-bit decoder linears" if ours["quantize"] else "")
         + f", mlx {ours['versions']['mlx']}, batch 1, CFG 3, top-k 250, repeats {report['repeats']}"
     )
+    if ours["blas_env"]:
+        print("BLAS environment: " + ", ".join(f"{k}={v}" for k, v in ours["blas_env"].items()))
     if ref:
         v = ref["versions"]
         print(

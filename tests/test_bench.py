@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from apps import musicgen_bench
 from apps.random_checkpoint import shape_config, shapes, tensor_specs, write_checkpoint
+from musicgen import _blas
 from musicgen.generate import with_unconditional_rows
 from musicgen.weights import load_state_dict
 
@@ -130,6 +132,14 @@ def test_bench_end_to_end_on_tiny_shape(tiny_checkpoint, capsys):
         assert run["rtf"] == pytest.approx(run["wall_s"] / run["audio_s"])
         assert 0 < run["decode_s"] < run["wall_s"] and run["median_ms"] > 0
     assert ours["max_rss_bytes"] > ours["mlx_peak_bytes"] > 0
+    # the worker reports the BLAS settings it ran with: this process's, plus what the loader set
+    inherited = {
+        k: v for k, v in os.environ.items() if k.startswith(musicgen_bench.BLAS_ENV_PREFIXES)
+    }
+    assert inherited.items() <= ours["blas_env"].items()
+    assert all(k.startswith(musicgen_bench.BLAS_ENV_PREFIXES) for k in ours["blas_env"])
+    if _blas.kind == "openblas":
+        assert "OPENBLAS_THREAD_TIMEOUT" in ours["blas_env"]
     assert report["load"]["cold_load_s"] > 0 and ours["load_s"] > 0
     roof = report["roofline"]
     assert set(roof["matvec_GBps"]) == {"W @ x", "x @ W.T", "x @ W"}
