@@ -193,7 +193,7 @@ def test_the_kernels_openblas_runs_are_reported():
         expected = f"OpenBLAS, {named} kernels (OPENBLAS_CORETYPE) ({DEBIAN_OPENBLAS})"
         assert result["describe"] == expected
     result, _ = probe("musicgen", "openblas")
-    assert result["core"] not in (None, "", "Sandybridge")
+    assert isinstance(result["core"], str) and result["core"]  # OpenBLAS's pick for this CPU
     assert result["describe"] == f"OpenBLAS, {result['core']} kernels ({DEBIAN_OPENBLAS})"
     result, _ = probe("musicgen", "0")
     assert result["core"] is None and result["describe"] == "MLX bundled reference BLAS"
