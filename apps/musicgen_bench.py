@@ -30,6 +30,8 @@ from pathlib import Path
 import musicgen  # noqa: F401  (loads OpenBLAS before anything imports mlx)
 
 WINDOWS = {"100": (50, 150), "750": (700, 800), "1450": (1400, 1500)}
+# Flatness: the median step of the late window over that of the early one.
+FLATNESS = ("1450", "100")
 # Environment variables that change how the BLAS runs (reported: a VM image may set them for every process).
 BLAS_ENV_PREFIXES = ("MUSICGEN_MLX_BLAS", "OPENBLAS_", "GOTO_", "MKL_", "KMP_", "OMP_")
 PROMPT = "80s pop track with bassy drums and synth"
@@ -354,6 +356,32 @@ def roofline(ours: dict) -> dict:
     return out
 
 
+def flatness(report: dict) -> dict:
+    """How much slower late steps (1400-1500) are than early ones (50-150): in the main run of each side,
+    back to back (`paired_roofline`), and for the bound (the bytes a step reads, which grow with the K/V)."""
+    late, early = FLATNESS
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    roof = report["roofline"]
+    out = {
+        side: ratio(
+            report[side]["runs"][0][f"at_{late}_ms"], report[side]["runs"][0][f"at_{early}_ms"]
+        )
+        for side in ("ours", "transformers")
+        if side in report
+    }
+    paired = roof["paired"]
+    out["back_to_back"] = (
+        ratio(paired[late]["step_ms"], paired[early]["step_ms"])
+        if {late, early} <= paired.keys()
+        else None
+    )
+    out["bound"] = ratio(roof[late]["bound_ms"], roof[early]["bound_ms"])
+    return out
+
+
 def fmt(x, unit: str = "", digits: int = 1) -> str:
     if x is None:
         return "-"
@@ -436,6 +464,13 @@ def print_table(report: dict) -> None:
             f"(matvec {r['matvec_GBps']:.1f} GB/s next to it) -> "
             f"{100 * r['fraction_of_bound']:.0f}% of the bound"
         )
+    flat = report["flatness"]
+    late, early = (WINDOWS[name] for name in FLATNESS)
+    print(
+        f"flatness, median step {late[0]}-{late[1]} / {early[0]}-{early[1]}: ours {fmt(flat['ours'], 'x', 2)}"
+        + (f", transformers {fmt(flat['transformers'], 'x', 2)}" if ref else "")
+        + f", back to back {fmt(flat['back_to_back'], 'x', 2)}, bound {fmt(flat['bound'], 'x', 2)}"
+    )
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -496,6 +531,7 @@ def run(args: argparse.Namespace) -> dict:
     if ref_runs:
         report["transformers"] = combine([summarize(r, rate) for r in ref_runs])
     report["roofline"] = roofline(ours)
+    report["flatness"] = flatness(report)
     return report
 
 

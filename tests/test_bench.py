@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -106,6 +107,30 @@ def test_step_stats_windows():
     assert stats["at_750_ms"] is None and stats["at_1450_ms"] is None
 
 
+def test_flatness_is_late_over_early_steps():
+    """A 30 s run whose steps take 100 ms until step 700 and 130 ms from then on."""
+    ends = list(itertools.accumulate([0.1] * 700 + [0.13] * 803, initial=0.0))
+    run = musicgen_bench.step_stats(ends)
+    ours = {
+        "runs": [run],
+        "matvec_bytes_per_s": {"x @ W.T": 20e9},
+        "step_bytes": {
+            "100": {"weights": 1e9, "kv": 4e7, "total": 1.04e9},
+            "1450": {"weights": 1e9, "kv": 5.6e8, "total": 1.56e9},
+        },
+        "paired_roofline": {"100": {"step_ms": 80.0}, "1450": {"step_ms": 100.0}},
+    }
+    ref = {"runs": [{"at_100_ms": 160.0, "at_1450_ms": 168.0}]}
+    report = {"ours": ours, "transformers": ref, "roofline": musicgen_bench.roofline(ours)}
+    assert run["at_100_ms"] == pytest.approx(100) and run["at_1450_ms"] == pytest.approx(130)
+    assert musicgen_bench.flatness(report) == {
+        "ours": pytest.approx(1.3),
+        "transformers": pytest.approx(1.05),
+        "back_to_back": pytest.approx(1.25),
+        "bound": pytest.approx(1.5),
+    }
+
+
 def test_bench_end_to_end_on_tiny_shape(tiny_checkpoint, capsys):
     steps, short = 12, 6
     musicgen_bench.main(
@@ -147,6 +172,19 @@ def test_bench_end_to_end_on_tiny_shape(tiny_checkpoint, capsys):
     hidden, layers = 16, 2  # the tiny decoder: self-attention K/V of 2 CFG rows, positions 0..100
     assert roof["100"]["kv_MB"] * 1e6 == pytest.approx(2 * 2 * layers * hidden * 4 * 101)
     assert roof["paired"] == {}  # 12 steps reach none of the positions probed
+    bound = (hidden * 4 * 2 * 2 * layers * 1451 + roof["1450"]["weights_MB"] * 1e6) / (
+        hidden * 4 * 2 * 2 * layers * 101 + roof["100"]["weights_MB"] * 1e6
+    )
+    assert report["flatness"] == {"ours": None, "back_to_back": None, "bound": pytest.approx(bound)}
+
+    musicgen_bench.print_table(report)
+    table = capsys.readouterr().out.splitlines()
+    assert (
+        table[-1]
+        == f"flatness, median step 1400-1500 / 50-150: ours -, back to back -, bound {bound:.2f}x"
+    )
+    row = next(line for line in table if line.startswith("decoder step, median"))
+    assert row.split()[-2:] == [f"{ours['runs'][0]['median_ms']:.1f}", "ms"]
 
 
 def test_paired_roofline_on_tiny_shape(tiny_checkpoint):
