@@ -6,6 +6,8 @@ import itertools
 import json
 import os
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from musicgen.generate import with_unconditional_rows
 from musicgen.weights import load_state_dict
 
 TINY = Path(__file__).parent / "fixtures" / "tiny-musicgen"
+PRECISION_SCRIPT = Path(__file__).parents[1] / "scripts" / "precision_accuracy.py"
 
 
 def safetensors_header(path: Path) -> dict:
@@ -204,3 +207,40 @@ def test_paired_roofline_on_tiny_shape(tiny_checkpoint):
         total = step.bytes_per_step(position + 4)["total"]
         assert r["bound_ms"] == pytest.approx(1e3 * total / (r["matvec_GBps"] * 1e9))
         assert r["fraction_of_bound"] == pytest.approx(r["bound_ms"] / r["step_ms"])
+
+
+def precision_accuracy(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(PRECISION_SCRIPT), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_precision_accuracy_script_on_tiny_fixture():
+    frames = 20
+    r = precision_accuracy(
+        "--model", str(TINY), "--options", "float32", "float16", "--frames", str(frames), "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["frames"] == frames and list(report["options"]) == ["float32", "float16"]
+    positions = frames + 3  # the steps of the delay pattern (3 for the 4 mono codebooks)
+    # float32 against itself: the harness compares like with like
+    assert report["options"]["float32"] == {
+        "logits_rel_err": 0.0,
+        "argmax_agree": 1.0,
+        "argmax_count": 2 * 4 * positions,
+        "greedy_agree": 1.0,
+        "greedy_count": 4 * frames,
+        "first_differing_frame": None,
+    }
+    half = report["options"]["float16"]
+    assert 1e-5 < half["logits_rel_err"] <= 2e-2  # the bound of test_float16_decoder_stays_close
+    assert half["argmax_count"] == 2 * 4 * positions and half["greedy_count"] == 4 * frames
+
+
+def test_precision_accuracy_script_rejects_bad_input():
+    r = precision_accuracy("--model", str(TINY), "--options", "float8")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines()[-1].endswith("error: unknown option 'float8'")
+    missing = TINY.parent / "no-such-model"
+    r = precision_accuracy("--model", str(missing))
+    assert r.returncode == 1 and r.stderr == f"precision_accuracy: no such folder: {missing}\n"
