@@ -535,12 +535,10 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model (a hub id or folder) or --shape (a random-weight checkpoint of a published shape)."""
     from apps.random_checkpoint import shapes
 
-    parser = argparse.ArgumentParser(
-        prog="musicgen-bench", description=__doc__.split("\n\n")[0].removeprefix("musicgen-bench: ")
-    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="a hub repo id or a local checkpoint folder")
     source.add_argument(
@@ -549,6 +547,13 @@ def main(argv: list[str] | None = None) -> None:
         choices=shapes(),
         help="random-weight published shape (default small)",
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="musicgen-bench", description=__doc__.split("\n\n")[0].removeprefix("musicgen-bench: ")
+    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--steps", type=int, default=1503, help="decoder steps of the main run (1503 = 30 s)"
     )

@@ -26,6 +26,7 @@ import musicgen  # noqa: F401  (first: it loads the BLAS, which must happen befo
 import mlx.core as mx
 import numpy as np
 
+from apps import musicgen_bench
 from musicgen import MusicGen
 from musicgen.generate import build_delay_pattern, with_unconditional_rows
 from musicgen.weights import WeightsError
@@ -117,17 +118,8 @@ def print_table(report: dict) -> None:
 
 
 def main() -> None:
-    from apps.random_checkpoint import shapes
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="a hub repo id or a local checkpoint folder")
-    source.add_argument(
-        "--shape",
-        default="small",
-        choices=shapes(),
-        help="random-weight published shape (default small)",
-    )
+    musicgen_bench.add_model_arguments(parser)
     parser.add_argument(
         "--options",
         nargs="+",
@@ -145,9 +137,7 @@ def main() -> None:
     if args.frames < 1:
         parser.error("--frames must be at least 1")
     if args.model is None:
-        from apps.musicgen_bench import bench_checkpoint
-
-        args.model = str(bench_checkpoint(args.shape))
+        args.model = str(musicgen_bench.bench_checkpoint(args.shape))
     with tempfile.TemporaryDirectory(prefix="musicgen-precision-cache-") as cache:
         os.environ["MUSICGEN_MLX_CACHE"] = cache
         try:
