@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -12,6 +13,15 @@ import soundfile as sf
 import soxr
 
 FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
+# libvorbis crashes the process (SIGSEGV) above about 200 kHz; 192 kHz is the highest usual rate below it.
+MAX_RATES = {".ogg": 192_000}
+
+
+def check_rate(ext: str, sampling_rate: int) -> None:
+    """ValueError if files of extension `ext` cannot hold `sampling_rate`."""
+    limit = MAX_RATES.get(ext.lower())
+    if limit is not None and sampling_rate > limit:
+        raise ValueError(f"{ext} files take sample rates up to {limit} Hz, got {sampling_rate}")
 
 
 def _to_numpy(audio) -> np.ndarray:
@@ -46,12 +56,17 @@ def save_audio(path: str | Path, audio, sampling_rate: int, *, subtype: str | No
     if ext not in FORMATS:
         raise ValueError(f"unsupported audio format {path.suffix!r}: use one of {sorted(FORMATS)}")
     fmt, default_subtype = FORMATS[ext]
+    check_rate(ext, int(sampling_rate))
     data = np.clip(_to_numpy(audio), -1.0, 1.0)
+    # Encoded in memory first: libsndfile writing a file itself reports a full disk as an empty error
+    # (or not at all, for Ogg), and through a Python file it prints the OSError's traceback.
+    encoded = io.BytesIO()
+    sf.write(encoded, data, int(sampling_rate), format=fmt, subtype=subtype or default_subtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            sf.write(f, data, int(sampling_rate), format=fmt, subtype=subtype or default_subtype)
+            f.write(encoded.getbuffer())
         # mkstemp files are private; the finished file gets the usual mode.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)

@@ -154,6 +154,16 @@ def test_save_audio_is_atomic(tmp_path):
     assert sf.info(str(tmp_path / "batch1.wav")).channels == 2
 
 
+def test_ogg_sample_rate_limit(tmp_path):
+    """libvorbis crashes the process above ~200 kHz: save_audio refuses such rates for .ogg first."""
+    audio = np.zeros((19200, 1), np.float32)
+    with pytest.raises(ValueError, match="up to 192000 Hz, got 200875"):
+        save_audio(tmp_path / "high.ogg", audio, 200875)
+    assert list(tmp_path.iterdir()) == []
+    assert sf.info(str(save_audio(tmp_path / "top.ogg", audio, 192000))).samplerate == 192000
+    assert sf.info(str(save_audio(tmp_path / "high.wav", audio, 384000))).samplerate == 384000
+
+
 def test_stereo_tokens_and_audio_match_transformers():
     """fp16 2023-style .bin, 8 interleaved codebooks (delays 0,0,1,1,2,2,3,3), L/R decoded separately."""
     stereo = MusicGen.from_pretrained(FIXTURES / "tiny-musicgen-stereo", progress=False)
