@@ -122,6 +122,21 @@ def load_blas() -> str | None:
     if "mlx.core" in sys.modules:
         return None  # too late: mlx already resolved its BLAS symbols
     _tried = True
+    if os.path.sep not in setting and setting.lower() not in (
+        "",
+        "1",
+        "on",
+        "true",
+        "yes",
+        "auto",
+        "mkl",
+        "openblas",
+    ):
+        warnings.warn(
+            f"MUSICGEN_MLX_BLAS={setting}: not mkl, openblas, 0 or a library path; picking as by default",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     paths, chosen = candidates(setting)
     for path in paths:
         if not os.path.exists(path):

@@ -158,6 +158,14 @@ def test_a_path_that_does_not_exist_warns(package, tmp_path):
 
 
 @linux_only
+def test_an_unknown_setting_warns_and_picks_as_by_default():
+    result, err = probe("t5", "bogus")
+    assert result["loaded"] == AUTO
+    lines = [line for line in err.splitlines() if "MUSICGEN_MLX_BLAS" in line]
+    assert len(lines) == 1 and "MUSICGEN_MLX_BLAS=bogus: not mkl, openblas, 0" in lines[0]
+
+
+@linux_only
 def test_a_file_that_is_not_a_library_warns(tmp_path):
     bogus = tmp_path / "libblas.so"
     bogus.write_text("not a shared object")
