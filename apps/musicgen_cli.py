@@ -33,6 +33,7 @@ DEFAULT_STEPS = 300
 DEFAULT_STRIDE = 18.0  # seconds: audiocraft's extend_stride, for music longer than the window
 MAX_DURATION = 3600.0  # seconds: longer requests are refused as a likely typo
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")  # musicgen.audio.FORMATS (not imported: it loads mlx)
+MAX_RATES = {".ogg": 192_000}  # musicgen.audio.MAX_RATES
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 DEBUG_ENV = "MUSICGEN_CLI_DEBUG"  # set to 1 to get the traceback of an unexpected error
@@ -493,6 +494,14 @@ def plan_length(args, lim: Limits, prompt_frames: int = 0) -> Plan:
     """Decoder steps for --max-steps / --duration (after an audio prompt), checked against the limits."""
     fr = lim.frame_rate
     prompt_s = f"the {prompt_frames / fr:g} s audio prompt"
+    window_s = lim.window / fr
+    stride_s = DEFAULT_STRIDE if args.extend_stride is None else args.extend_stride
+    stride = int(stride_s * fr)
+    if args.extend_stride is not None and not 0 < stride < lim.window:
+        raise UsageError(
+            f"--extend-stride must be at least {1 / fr:g} s and less than this model's window "
+            f"of {window_s:g} s, got {stride_s:g}"
+        )
     if args.duration is not None:
         frames = round(args.duration * fr)
         if frames < 1:
@@ -507,13 +516,10 @@ def plan_length(args, lim: Limits, prompt_frames: int = 0) -> Plan:
             return Plan(steps, None, frames, 1)
         from musicgen.generate import sliding_windows
 
-        window_s = lim.window / fr
-        stride_s = DEFAULT_STRIDE if args.extend_stride is None else args.extend_stride
-        stride = int(stride_s * fr)
-        if not 0 < stride < lim.window:
-            raise UsageError(
-                f"--extend-stride must be at least {1 / fr:g} s and less than this model's window "
-                f"of {window_s:g} s, got {stride_s:g}"
+        if not 0 < stride < lim.window:  # the default stride, on a model with a short window
+            raise CliError(
+                f"this model's window of {window_s:g} s is too short for the default "
+                f"--extend-stride of {stride_s:g} s: give a smaller one"
             )
         if prompt_frames >= lim.window:
             raise UsageError(
@@ -529,6 +535,11 @@ def plan_length(args, lim: Limits, prompt_frames: int = 0) -> Plan:
         steps = sum(length - context + lim.delay for _, context, length in windows)
         return Plan(steps, None, frames, len(windows))
     steps = DEFAULT_STEPS if args.max_steps is None else args.max_steps
+    if prompt_frames + lim.low > lim.high:
+        raise UsageError(
+            f"{prompt_s} is too long for this model: one pass holds "
+            f"{(lim.high - lim.low) / fr:g} s of prompt at most"
+        )
     if steps < lim.low:
         raise UsageError(f"--max-steps must be at least {lim.low} for this model, got {steps}")
     if steps > lim.high - prompt_frames:
@@ -712,8 +723,12 @@ def write_file(outputs: Outputs, job: Job, i: int, audio, rate: int, metadata: d
             raise CliError(f"cannot write {dest}: {reason(e)}") from None
         outputs.reserved.add(dest.name)
         break
-    if metadata is not None:
-        meta = sidecar(dest)
+    meta = sidecar(dest)
+    if metadata is None:
+        if overwrite:  # the sidecar of the file just replaced would describe other audio
+            with contextlib.suppress(FileNotFoundError):
+                meta.unlink()
+    else:
         tmp = outputs.temp_for(meta)
         try:
             tmp.write_text(json.dumps({**metadata, "file": dest.name}, indent=2) + "\n")
@@ -809,6 +824,9 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
     check_numbers(args)
     prompt_info = None if args.audio_prompt is None else check_audio_prompt(args.audio_prompt)
     job = check_output(args, prompts)
+    limit = MAX_RATES.get(job.ext.lower())
+    if args.sample_rate and limit and args.sample_rate > limit:
+        raise UsageError(f"--sample-rate must be at most {limit} Hz for {job.ext} files")
     player = find_player(job.ext) if args.play else None
     if args.play and player is None:
         print(f"{PROG}: warning: {NO_PLAYER}; the file will only be saved", file=sys.stderr)

@@ -142,6 +142,11 @@ def test_seed_reproducible(cli):
     assert a == b
     assert a != c
     assert files(cli.work) == ["a.wav", "b.wav", "c.wav"]  # --no-metadata: no sidecars
+    # overwriting a file without metadata removes the sidecar that described its old audio
+    assert_ok(cli(*args, "--seed", 4, "--output", "a.wav"))
+    assert json.loads((cli.work / "a.wav.json").read_text())["seed"] == 4
+    assert_ok(cli(*args, "--seed", 3, "--output", "a.wav", "--no-metadata"))
+    assert files(cli.work) == ["a.wav", "b.wav", "c.wav"] and (cli.work / "a.wav").read_bytes() == a
 
 
 def test_random_seed_is_recorded_and_replays(cli):
@@ -377,6 +382,10 @@ BAD = {
         ["--prompt", "x", "--duration", "50", "--extend-stride", "30"],
         "less than this model's window of 30 s",
     ),
+    "stride beyond window, one pass": (
+        ["--prompt", "x", "--duration", "10", "--extend-stride", "30"],
+        "less than this model's window of 30 s, got 30",
+    ),
     "unconditional with prompt": (["--unconditional", "--prompt", "x"], "takes no --prompt"),
     "unconditional with guidance": (["--unconditional", "--guidance", "2"], "no effect"),
     "drop prompt without audio": (["--prompt", "x", "--no-include-prompt"], "--audio-prompt"),
@@ -385,6 +394,10 @@ BAD = {
     "audio prompt too long for steps": (
         ["--prompt", "x", "--audio-prompt", "riff.wav", "--max-steps", "2030"],
         "at most 2023 for this model after the 0.5 s audio prompt",
+    ),
+    "audio prompt longer than a pass": (
+        ["--prompt", "x", "--audio-prompt", "long.wav"],
+        "the 45 s audio prompt is too long for this model: one pass holds 40.88 s of prompt at most",
     ),
     "top-k zero": (["--prompt", "x", "--top-k", "0"], "--top-k"),
     "top-p above one": (["--prompt", "x", "--top-p", "1.5"], "--top-p"),
@@ -399,6 +412,10 @@ BAD = {
         ["--prompt", "x", "--output", "a.wav", "--output-dir", "."],
         "not both",
     ),
+    "ogg above 192 kHz": (
+        ["--prompt", "x", "--output", "x.ogg", "--sample-rate", "200000"],
+        "--sample-rate must be at most 192000 Hz for .ogg files",
+    ),
     "bad dtype": (["--prompt", "x", "--dtype", "int8"], "--dtype"),
     "bad quantize": (["--prompt", "x", "--quantize", "3"], "--quantize"),
     "unknown flag": (["--prompt", "x", "--loud"], "--loud"),
@@ -411,6 +428,7 @@ def test_bad_input(cli, case):
     args, expect = BAD[case]
     (cli.work / "blank.txt").write_text("# only a comment\n\n")
     write_prompt_wav(cli.work / "riff.wav")
+    write_prompt_wav(cli.work / "long.wav", seconds=45, rate=8000, channels=1)
     before = files(cli.work)
     r = cli(*args, "--model", TINY)
     assert r.returncode == USAGE, r.stderr
@@ -448,6 +466,19 @@ def without_dac_override() -> list[str]:
     if setpriv is None:
         pytest.skip("running as root and util-linux setpriv is missing")
     return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_write_error_is_one_line(cli):
+    """A file size limit (as a full disk would) stops the write: one line, exit 1, nothing left."""
+    prlimit = shutil.which("prlimit")  # util-linux
+    if prlimit is None:
+        pytest.skip("util-linux prlimit is missing")
+    args = ["--prompt", "x", "--model", TINY, "-q", "--duration", 10]
+    assert_ok(cli(*args, "--output", "first.wav"))  # converts and compiles without the limit
+    r = cli(*args, "--output", "big.wav", wrap=[prlimit, "--fsize=200000", "--"])
+    assert r.returncode == 1
+    assert r.stderr == "musicgen-cli: error: cannot write big.wav: File too large\n"
+    assert files(cli.work) == ["first.wav", "first.wav.json"]
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
