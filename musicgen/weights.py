@@ -209,8 +209,12 @@ def allow_patterns(repo_files: list[str]) -> list[str]:
     raise WeightsError("the repo has no model.safetensors or pytorch_model.bin weights")
 
 
-def _repo_files(model: str, revision: str | None, token: str | bool | None) -> list[str] | None:
-    """The repo's file list, or None when the hub cannot be reached (then the cache decides)."""
+class _HubUnreachable(Exception):
+    """The Hub could not be asked (no network, hub down): the local cache decides."""
+
+
+def _repo_files(model: str, revision: str | None, token: str | bool | None) -> list[str]:
+    """The repo's file list; _HubUnreachable when the hub cannot be reached."""
     from huggingface_hub import HfApi, errors
 
     try:
@@ -226,11 +230,8 @@ def _repo_files(model: str, revision: str | None, token: str | bool | None) -> l
         raise WeightsError(
             f"'{model}' is neither a local folder nor a Hugging Face repo id"
         ) from None
-    except Exception as e:  # connection errors, hub down: fall back to the cache
-        logger.warning(
-            "Hugging Face Hub unreachable (%s: %s); using the local cache", type(e).__name__, e
-        )
-        return None
+    except Exception as e:  # connection errors, hub down: the cache decides
+        raise _HubUnreachable(f"{type(e).__name__}: {e}") from None
     return [s.rfilename for s in info.siblings or []]
 
 
@@ -276,10 +277,14 @@ def resolve_model_path(
 def _resolve_repo(model: str, revision: str | None, token) -> Path:
     from huggingface_hub import errors
 
-    offline = _hub_offline()
-    files = None if offline else _repo_files(model, revision, token)
-    if files is None:
-        reason = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+    offline, unreachable = _hub_offline(), None
+    if not offline:
+        try:
+            files = _repo_files(model, revision, token)
+        except _HubUnreachable as e:
+            unreachable = e
+    if offline or unreachable:
+        reason = "the Hub cannot be reached" if unreachable else "HF_HUB_OFFLINE is set"
         try:
             folder = _snapshot(model, revision, token, ["config.json"], local=True)
         except (errors.LocalEntryNotFoundError, errors.IncompleteSnapshotError, OSError):
@@ -288,6 +293,8 @@ def _resolve_repo(model: str, revision: str | None, token) -> Path:
             weight_files(folder)
         except WeightsError as e:
             raise _not_cached(model, f"its cached snapshot is incomplete ({e}); {reason}") from None
+        if unreachable:  # said only when the cached copy is used: the error says it otherwise
+            logger.warning("Hugging Face Hub unreachable (%s); using the local cache", unreachable)
         return folder
     patterns = allow_patterns(files)
     if patterns[-1].endswith(".index.json"):  # download the index first, then exactly its shards
@@ -579,7 +586,12 @@ def load_converted(
     }
     json.dumps(options)  # quantize must be JSON (it is part of the key)
     root = cache_root(cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise WeightsError(
+            f"the conversion cache {root} is not a folder (set MUSICGEN_MLX_CACHE to one)"
+        ) from None
 
     model = str(model)
     path = Path(model).expanduser()

@@ -540,6 +540,34 @@ def test_hub_repo_limits_checked_before_loading(cli, tmp_path):
     assert files(cli.work) == []
 
 
+def test_unreachable_hub_falls_back_to_the_hf_cache(cli, tmp_path):
+    """HF_HUB_OFFLINE unset but no network (a refused endpoint): a cached repo is used after one warning;
+    a repo that is not cached is one error line, with no warning before it."""
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--someone--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(TINY, snapshot)
+    (hub / "models--someone--tiny" / "refs").mkdir()
+    (hub / "models--someone--tiny" / "refs" / "main").write_text("0" * 40)
+    env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    args = ["--prompt", "x", "--max-steps", 10, "-q"]
+    r = cli(*args, "--model", "someone/not-cached", env=env)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "someone/not-cached" in r.stderr and "the Hub cannot be reached" in r.stderr
+    r = cli(*args, "--model", "someone/tiny", "--output", "x.wav", env=env)
+    assert_ok(r)
+    assert "Hugging Face Hub unreachable" in r.stderr and "using the local cache" in r.stderr
+    assert files(cli.work) == ["x.wav", "x.wav.json"]
+
+
+def test_conversion_cache_that_is_a_file(cli, tmp_path):
+    not_a_folder = tmp_path / "cache-file"
+    not_a_folder.write_text("")
+    r = cli("--prompt", "x", "--model", TINY, env={"MUSICGEN_MLX_CACHE": str(not_a_folder)})
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert f"the conversion cache {not_a_folder} is not a folder" in r.stderr
+    assert files(cli.work) == []
+
+
 def test_version_and_help(cli):
     r = cli("--version")
     assert_ok(r)
