@@ -12,6 +12,7 @@ file and are copied into MLX one at a time.
 from __future__ import annotations
 
 import collections
+import math
 import mmap
 import pickle
 import struct
@@ -99,6 +100,11 @@ class _Tensor(_Inert):
         last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride, strict=True))
         if self.offset < 0 or min(self.stride, default=0) < 0 or last >= len(base):
             raise WeightsError(f"tensor view out of bounds of storage {self.storage.key!r}")
+        if math.prod(self.shape) > len(base):  # a broadcast (stride 0) view: could be any size
+            raise WeightsError(
+                f"tensor of shape {self.shape} is larger than its storage {self.storage.key!r} "
+                f"({len(base)} elements)"
+            )
         view = np.lib.stride_tricks.as_strided(
             base[self.offset :],
             shape=self.shape,

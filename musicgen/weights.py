@@ -276,6 +276,14 @@ def resolve_model_path(
 
 def _resolve_repo(model: str, revision: str | None, token) -> Path:
     from huggingface_hub import errors
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(model)  # offline too: the cache lookup would raise it unexplained
+    except errors.HFValidationError:
+        raise WeightsError(
+            f"'{model}' is neither a local folder nor a Hugging Face repo id"
+        ) from None
 
     offline, unreachable = _hub_offline(), None
     if not offline:
@@ -451,7 +459,12 @@ def _check_entry(entry: Path, verify: bool | None) -> dict:
     try:
         manifest = json.loads((entry / "manifest.json").read_text())
         files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        for name, meta in files.items():  # the shape a manifest must have, checked before any use
+            if Path(name).name != name or not isinstance(meta["size"], int):
+                raise ValueError(f"bad file entry {name!r}")
+            if not isinstance(meta["sha256"], str):
+                raise ValueError(f"bad sha256 of {name!r}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise WeightsError(f"{entry}: unreadable manifest ({type(e).__name__}: {e})") from None
     if manifest.get("format") != CACHE_FORMAT:
         raise WeightsError(f"{entry}: cache format {manifest.get('format')} != {CACHE_FORMAT}")
@@ -463,6 +476,8 @@ def _check_entry(entry: Path, verify: bool | None) -> dict:
     if verify or (verify is None and not stamped):
         for name, meta in files.items():
             if _sha256(entry / name) != meta["sha256"]:
+                # a stamp would let the next load skip hashing (the file kept its size and mtime)
+                (entry / VERIFIED_STAMP).unlink(missing_ok=True)
                 raise WeightsError(f"{entry}: {name} fails its sha256 check")
         _write_stamp(entry, files)
         stamped = True
@@ -573,6 +588,8 @@ def load_converted(
     dtype_name = _dtype_name(dtype)
     if quantize is not None and quantizer is None:
         raise ValueError("quantize is set but no quantizer function was given")
+    if quantize is None:
+        quantizer = None  # only used (and part of the key) when quantize is set
     sanitizers = sanitizers or {}
     unknown = set(sanitizers) - set(COMPONENTS)
     if unknown:
@@ -675,6 +692,15 @@ def _remove_superseded(root: Path, entry: Path, manifest: dict) -> None:
             _remove(Path(other["path"]))
 
 
+def _manifest_names(entry: Path) -> dict:
+    """The model and revision a broken entry's manifest names, if it can still be read (for clear_cache)."""
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+        return {k: manifest[k] for k in ("model", "revision") if isinstance(manifest.get(k), str)}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def cache_entries(cache_dir: str | Path | None = None, verify: bool = False) -> list[dict]:
     """The conversion cache's entries: each manifest plus `path`, `size` (bytes), `ok`, `error` and
     `verified` (hashed since last written). `verify` hashes every entry's files (and stamps them)."""
@@ -687,7 +713,7 @@ def cache_entries(cache_dir: str | Path | None = None, verify: bool = False) -> 
             info = _check_entry(entry, verify)
             info.update(ok=True, error=None)
         except WeightsError as e:
-            info = {"ok": False, "error": str(e), "verified": False}
+            info = {**_manifest_names(entry), "ok": False, "error": str(e), "verified": False}
         size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file())
         entries.append({**info, "path": str(entry), "size": size})
     return entries

@@ -438,12 +438,24 @@ def test_bad_input(cli, case):
 
 
 @pytest.mark.parametrize(
-    "case", ["missing folder", "offline not cached", "model type", "corrupt weights", "a file"]
+    "case",
+    [
+        "missing folder",
+        "offline not cached",
+        "bad repo id",
+        "model type",
+        "corrupt weights",
+        "a file",
+    ],
 )
 def test_bad_model(cli, tmp_path, case):
     model, expect = {
         "missing folder": ("./no-such-model", "no such model folder"),
         "offline not cached": ("facebook/musicgen-small", "--model PATH"),
+        "bad repo id": (
+            "facebook/musicgen small",
+            "neither a local folder nor a Hugging Face repo id",
+        ),
         "model type": (broken_checkpoint(tmp_path, "model-type"), "musicgen_melody"),
         "corrupt weights": (broken_checkpoint(tmp_path, "truncated"), "corrupt or truncated"),
         "a file": (TINY / "config.json", "is a file"),

@@ -237,6 +237,20 @@ def test_bin_without_torch_every_layout(tmp_path):
         assert got["mask"].dtype == mx.bool_
 
 
+def test_bin_broadcast_view_larger_than_its_storage_is_refused(tmp_path):
+    """A stride-0 view could ask for any size (3.6 TiB here): refused before any allocation."""
+    st = Storage("0", "FloatStorage", np.arange(12, dtype=np.float32))
+    ok = {"w": Tensor(st, 0, (3, 4), (0, 1))}  # a broadcast within the storage's size still reads
+    write_torch_zip(tmp_path / "ok.bin", ok, [st])
+    np.testing.assert_array_equal(
+        np.array(load_torch_file(tmp_path / "ok.bin")["w"]), np.tile(np.arange(4), (3, 1))
+    )
+    huge = {"w": Tensor(st, 0, (10**12,), (0,))}
+    write_torch_zip(tmp_path / "huge.bin", huge, [st])
+    with pytest.raises(W.WeightsError, match=r"larger than its storage '0' \(12 elements\)"):
+        load_torch_file(tmp_path / "huge.bin")
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("payload", ["system", "eval"])
 def test_malicious_bin_is_refused_and_nothing_runs(tmp_path, legacy, payload):
@@ -533,8 +547,19 @@ def test_conversion_cache_stale_and_corrupt_entries_are_rebuilt(tmp_path):
     assert spy.calls == 5
     assert W.cache_entries(cache)[0]["ok"]
     assert not W.cache_entries(cache, verify=True)[0]["ok"]
-    load(verify=True)
+    # the failed check dropped the stamp: the next plain load hashes again, and rebuilds
+    assert not W.cache_entries(cache)[0]["verified"]
+    load()
     assert spy.calls == 6 and W.cache_entries(cache, verify=True)[0]["ok"]
+    flip_last_byte(decoder, keep_mtime=True)
+    load(verify=True)  # verify=True on a load: caught and rebuilt at once
+    assert spy.calls == 7 and W.cache_entries(cache, verify=True)[0]["ok"]
+    # a broken entry is still cleared by its model
+    decoder.write_bytes(decoder.read_bytes()[:-100])
+    assert not W.cache_entries(cache)[0]["ok"]
+    assert W.clear_cache(cache, model=src) == 1 and W.cache_entries(cache) == []
+    load()
+    assert spy.calls == 8
     # a leftover temp folder from a crash is ignored, and cleared by clear_cache()
     (cache / ".tmp-crashed").mkdir()
     assert len(W.cache_entries(cache)) == 1
@@ -542,6 +567,43 @@ def test_conversion_cache_stale_and_corrupt_entries_are_rebuilt(tmp_path):
     assert W.clear_cache(cache, model=src) == 1
     load()
     assert W.clear_cache(cache) == 1 and not any(cache.iterdir())
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        {"files": []},
+        {"files": "decoder.safetensors"},
+        {"files": {"decoder.safetensors": {"sha256": "0" * 64}}},
+        {"files": {"../outside": {"size": 1, "sha256": "0" * 64}}},
+    ],
+    ids=["files a list", "files a string", "no size", "a path outside"],
+)
+def test_a_manifest_of_the_wrong_shape_is_a_broken_entry(tmp_path, breakage):
+    """Valid JSON with the wrong structure: listed as broken, rebuilt on load, and other entries and
+    commands unaffected (it crashed cache listing and conversion of any model before)."""
+    cache = tmp_path / "cache"
+    entry = Path(W.load_converted(MONO, cache_dir=cache, progress=False)[0]["_converted_path"])
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (entry / "manifest.json").write_text(json.dumps(manifest | breakage))
+    [listed] = W.cache_entries(cache)
+    assert not listed["ok"] and "unreadable manifest" in listed["error"]
+    assert listed["model"] == manifest["model"]  # so that clear_cache(model=...) finds it
+    other = W.load_converted(STEREO, cache_dir=cache, progress=False)[0]["_converted_path"]
+    assert W.load_converted(MONO, cache_dir=cache, progress=False)[0]["_converted_path"] == str(
+        entry
+    )
+    assert [e["ok"] for e in W.cache_entries(cache, verify=True)] == [True, True]
+    assert sorted(e["path"] for e in W.cache_entries(cache)) == sorted([str(entry), other])
+
+
+def test_a_quantizer_without_quantize_is_not_used(tmp_path):
+    cache = tmp_path / "cache"
+    spy = Spy()
+    plain = W.load_converted(MONO, cache_dir=cache, progress=False)[0]["_converted_path"]
+    config, _ = W.load_converted(MONO, cache_dir=cache, quantizer=spy, progress=False)
+    assert spy.calls == 0 and config["_converted_path"] == plain and "quantization" not in config
+    assert [e["path"] for e in W.cache_entries(cache)] == [plain]
 
 
 def flip_last_byte(path: Path, keep_mtime: bool = False) -> None:
