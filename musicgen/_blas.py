@@ -53,6 +53,9 @@ loaded: str | None = None
 kind: str | None = None
 #: The kernels OpenBLAS picked (its core name, e.g. "Haswell" or "SkylakeX"), None for other libraries.
 core: str | None = None
+# MUSICGEN_MLX_BLAS values that turn the loader off, and those that ask for the default pick
+OFF_SETTINGS = ("0", "off", "false", "no")
+DEFAULT_SETTINGS = ("", "1", "on", "true", "yes", "auto")
 _tried = False  # load_blas ran once before mlx was imported: its answer stands
 
 
@@ -113,25 +116,12 @@ def load_blas() -> str | None:
     """Load a BLAS globally if on Linux, not disabled, and mlx is not imported yet; return its path."""
     global loaded, kind, core, _tried
     setting = os.environ.get("MUSICGEN_MLX_BLAS", "1").strip()
-    if (
-        _tried
-        or not sys.platform.startswith("linux")
-        or setting.lower() in ("0", "off", "false", "no")
-    ):
+    if _tried or not sys.platform.startswith("linux") or setting.lower() in OFF_SETTINGS:
         return loaded
     if "mlx.core" in sys.modules:
         return None  # too late: mlx already resolved its BLAS symbols
     _tried = True
-    if os.path.sep not in setting and setting.lower() not in (
-        "",
-        "1",
-        "on",
-        "true",
-        "yes",
-        "auto",
-        "mkl",
-        "openblas",
-    ):
+    if os.path.sep not in setting and setting.lower() not in (*DEFAULT_SETTINGS, "mkl", "openblas"):
         warnings.warn(
             f"MUSICGEN_MLX_BLAS={setting}: not mkl, openblas, 0 or a library path; picking as by default",
             RuntimeWarning,

@@ -209,6 +209,10 @@ def allow_patterns(repo_files: list[str]) -> list[str]:
     raise WeightsError("the repo has no model.safetensors or pytorch_model.bin weights")
 
 
+def _not_a_repo(model: str) -> WeightsError:
+    return WeightsError(f"'{model}' is neither a local folder nor a Hugging Face repo id")
+
+
 class _HubUnreachable(Exception):
     """The Hub could not be asked (no network, hub down): the local cache decides."""
 
@@ -227,9 +231,7 @@ def _repo_files(model: str, revision: str | None, token: str | bool | None) -> l
             "(check the name; for a gated or private repo log in with `hf auth login` or pass a token)"
         ) from None
     except errors.HFValidationError:
-        raise WeightsError(
-            f"'{model}' is neither a local folder nor a Hugging Face repo id"
-        ) from None
+        raise _not_a_repo(model) from None
     except Exception as e:  # connection errors, hub down: the cache decides
         raise _HubUnreachable(f"{type(e).__name__}: {e}") from None
     return [s.rfilename for s in info.siblings or []]
@@ -281,9 +283,7 @@ def _resolve_repo(model: str, revision: str | None, token) -> Path:
     try:
         validate_repo_id(model)  # offline too: the cache lookup would raise it unexplained
     except errors.HFValidationError:
-        raise WeightsError(
-            f"'{model}' is neither a local folder nor a Hugging Face repo id"
-        ) from None
+        raise _not_a_repo(model) from None
 
     offline, unreachable = _hub_offline(), None
     if not offline:
