@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import musicgen  # noqa: F401  (loads OpenBLAS before anything imports mlx)
@@ -280,11 +281,23 @@ def worker_generate(args: dict) -> dict:
     }
 
 
+def worker_main(worker: Callable[[dict], dict], args_json: str) -> None:
+    """A worker process: its result as a `RESULT` line, or a bad model's error as an `ERROR` line."""
+    from musicgen.weights import WeightsError
+
+    try:
+        result = worker(json.loads(args_json))
+    except WeightsError as e:  # a missing, corrupt or unsupported checkpoint: the user's to fix
+        print(f"ERROR {e}".splitlines()[0], flush=True)
+        raise SystemExit(1) from None
+    print("RESULT " + json.dumps(result), flush=True)
+
+
 def run_worker(kind: str, args: dict, env: dict) -> dict:
     """Run a worker in a fresh process of this interpreter; its result is the last `RESULT` line."""
     code = (
-        "import json, sys; from apps import musicgen_bench as b; "
-        f"print('RESULT ' + json.dumps(b.worker_{kind}(json.loads(sys.argv[1]))), flush=True)"
+        "import sys; from apps import musicgen_bench as b; "
+        f"b.worker_main(b.worker_{kind}, sys.argv[1])"
     )
     return _run([sys.executable, "-c", code, json.dumps(args)], env)
 
@@ -296,6 +309,9 @@ def run_transformers(python: str, args: dict) -> dict:
 
 def _run(cmd: list[str], env: dict) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("ERROR ")]
+    if errors:
+        raise SystemExit(f"musicgen-bench: {errors[-1][len('ERROR ') :]}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stderr[-4000:])
@@ -549,8 +565,29 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def check_transformers(python: str) -> str | None:
+    """Why `python` cannot run the transformers side (None if it can: torch and transformers import)."""
+    try:
+        proc = subprocess.run(
+            [python, "-c", "import torch, transformers"], capture_output=True, text=True
+        )
+    except OSError as e:
+        return e.strerror or str(e)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return f"it cannot import torch and transformers ({last})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="musicgen-bench", description=__doc__.split("\n\n")[0].removeprefix("musicgen-bench: ")
     )
     add_model_arguments(parser)
@@ -581,7 +618,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.steps <= 3 or args.repeats < 1:
         parser.error("--steps must be > 3 and --repeats >= 1")
-    report = run(args)
+    if args.compare_transformers and (problem := check_transformers(args.compare_transformers)):
+        parser.error(f"--compare-transformers {args.compare_transformers}: {problem}")
+    try:
+        report = run(args)
+    except KeyboardInterrupt:  # the workers got the same Ctrl+C; the private cache is removed
+        raise SystemExit(130) from None
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -244,3 +246,47 @@ def test_precision_accuracy_script_rejects_bad_input():
     missing = TINY.parent / "no-such-model"
     r = precision_accuracy("--model", str(missing))
     assert r.returncode == 1 and r.stderr == f"precision_accuracy: no such folder: {missing}\n"
+
+
+def bench(*args: str, **kw) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "apps.musicgen_bench", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_bench_bad_input_is_one_line(tmp_path):
+    missing = tmp_path / "no-such-model"
+    r = bench("--model", str(missing), "--steps", "10")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == f"musicgen-bench: no such folder: {missing}\n"
+    r = bench("--model", str(TINY), "--steps", "2")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--steps must be > 3" in r.stderr
+    nowhere = tmp_path / "bin" / "python"
+    r = bench("--model", str(TINY), "--compare-transformers", str(nowhere))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"--compare-transformers {nowhere}: No such file or directory" in r.stderr
+    no_torch = tmp_path / "python"  # an interpreter that cannot import torch and transformers
+    no_torch.write_text("#!/bin/sh\nexit 3\n")
+    no_torch.chmod(0o755)
+    r = bench("--model", str(TINY), "--compare-transformers", str(no_torch))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "it cannot import torch and transformers (exit 3)" in r.stderr
+
+
+def test_bench_ctrl_c_stops_cleanly(tmp_path):
+    """A real SIGINT to the bench and its worker (one process group, as a terminal sends it): exit 130,
+    no traceback, no worker left, the private conversion cache removed."""
+    env = os.environ | {"TMPDIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "apps.musicgen_bench", "--model", str(TINY), "--steps", "2000"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not any(tmp_path.glob("musicgen-bench-cache-*/*")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # until a worker has written into the private cache
+    assert any(tmp_path.glob("musicgen-bench-cache-*/*")), "the bench never got going"
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert not any(tmp_path.glob("musicgen-bench-cache-*"))  # (MLX keeps its own mlx/ there)
