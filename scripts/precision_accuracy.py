@@ -144,6 +144,8 @@ def main() -> None:
             report = run(args.model, args.options, args.frames, args.prompt)
         except WeightsError as e:
             parser.exit(1, f"precision_accuracy: {e}\n")
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
     if args.json:
         print(json.dumps(report, indent=2))
     else:
