@@ -98,14 +98,21 @@ def matvec_bandwidth(n: int = 8192, repeats: int = 15) -> dict:
 
 
 def matvec_rates(w, x, repeats: int, skip: int = 2) -> dict:
-    """Median bytes/s of W @ x, x @ W.T and x @ W over `repeats` products (the first `skip` warm up).
+    """Median bytes/s of W @ x, x @ W.T and x @ W over `repeats` products (the first `skip` warm up),
+    and of x @ W.T in small-matrix pieces where the step runs its products so (`_blas.small_product_limit`).
 
     The bound takes the fastest: the BLAS streams the same matrix at different rates in each form
     (OpenBLAS 0.3.21's AVX2 kernels on an AMD EPYC, 8192 x 8192: 15-17, 20-22 and 22 GB/s).
     """
     import mlx.core as mx
 
+    from musicgen import _blas
+    from musicgen.model import linear
+
     forms = {"W @ x": lambda: w @ x, "x @ W.T": lambda: x @ w.T, "x @ W": lambda: x @ w}
+    if limit := _blas.small_product_limit():  # the step's form with OpenBLAS's AVX-512 kernels
+        row = x.reshape(1, -1)
+        forms["x @ W.T in pieces"] = lambda: linear({"weight": w}, row, small_product=limit)
     out = {}
     for name, product in forms.items():
         times = []

@@ -169,6 +169,25 @@ def weight_first() -> bool:
     return kind == "mkl" and not intel_cpu()
 
 
+# OpenBLAS's AVX-512 kernels run a float32 product of M x N x K <= 1e6 with their small-matrix code,
+# which skips packing the weight (OpenBLAS 0.3.21, `sgemm_small_kernel_permit` for SkylakeX).
+SMALL_PRODUCT = 1_000_000
+
+
+def small_product_limit() -> int | None:
+    """The M x N x K up to which the BLAS takes its small-matrix path, when a step should split its
+    few-row products into such pieces; None otherwise.
+
+    With OpenBLAS's AVX-512 kernels on the AMD EPYC VM, 2-row products with the 24 layers' weights
+    stream at 28 GB/s split so (1024-wide inputs: 488 weight rows a piece, 4096-wide: 122) against
+    19-20 GB/s whole; one piece more (2 x 512 x 1024) falls back to the packed path, at 18 GB/s.
+    Only where the step runs x @ W^T (see weight_first).
+    """
+    if kind == "openblas" and core in AVX512_CORES and not weight_first():
+        return SMALL_PRODUCT
+    return None
+
+
 def describe() -> str:
     """One line naming the BLAS MLX uses on this machine."""
     if sys.platform == "darwin":

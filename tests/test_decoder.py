@@ -65,10 +65,12 @@ def test_incremental_decoding_with_cache_matches_full_forward(mono, teacher_forc
     assert rel_err(np.concatenate([chunk, *rest], axis=2), full) <= 1e-5
 
 
-def token_step_logits(decoder, tokens, cross, fold_cross=None, weight_first=None) -> np.ndarray:
+def token_step_logits(
+    decoder, tokens, cross, fold_cross=None, weight_first=None, small_product=None
+) -> np.ndarray:
     """Logits of every position through the generation step (TokenStep), one token at a time."""
     cache = decoder.make_cache(tokens.shape[0], tokens.shape[-1] + 3)
-    step = decoder.token_step(cross, cache, fold_cross, weight_first)
+    step = decoder.token_step(cross, cache, fold_cross, weight_first, small_product)
     logits = [np.array(step(tokens[:, :, i], i)) for i in range(tokens.shape[-1])]
     return np.stack(logits, axis=2)
 
@@ -76,12 +78,17 @@ def token_step_logits(decoder, tokens, cross, fold_cross=None, weight_first=None
 FOLDS = pytest.mark.parametrize("fold", [False, True], ids=["projections", "folded"])
 
 
+# (weight_first, small_product): x @ W^T whole, W @ x^T, x @ W^T in pieces of W's rows (4 rows x 5 x 16,
+# 4 x 2 x 32: uneven pieces of the tiny decoder's 16- and 32-wide weights)
+PRODUCT_FORMS = {"x@W^T": (False, 0), "W@x^T": (True, 0), "x@W^T in pieces": (False, 4 * 5 * 16)}
+
+
 @FOLDS
-@pytest.mark.parametrize("weight_first", [False, True], ids=["x@W^T", "W@x^T"])
-def test_token_step_matches_full_forward(mono, teacher_forced, fold, weight_first):
+@pytest.mark.parametrize("form", list(PRODUCT_FORMS))
+def test_token_step_matches_full_forward(mono, teacher_forced, fold, form):
     """The compiled generation step (padded text mask, unconditional all-zero-mask rows), with the
-    cross-attention projections applied or folded, the products in either form (MKL's, OpenBLAS'),
-    equals the teacher-forced forward, which equals transformers."""
+    cross-attention projections applied or folded, the products in each form (MKL's, OpenBLAS' AVX2
+    and AVX-512 kernels'), equals the teacher-forced forward, which equals transformers."""
     d = teacher_forced
     states, mask = text_states([0, 1], d["attention_mask"])
     states = mx.concatenate([states, mx.zeros_like(states)])
@@ -90,7 +97,7 @@ def test_token_step_matches_full_forward(mono, teacher_forced, fold, weight_firs
     tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)
     tokens = mx.concatenate([tokens, tokens])
     full = np.array(mono(tokens, cross))
-    steps = token_step_logits(mono, tokens, cross, fold, weight_first)
+    steps = token_step_logits(mono, tokens, cross, fold, *PRODUCT_FORMS[form])
     assert mono.token_step(cross, mono.make_cache(4, 1), fold).text_rows == 2  # CFG: 2 + 2
     assert steps.dtype == np.float32 and steps.shape == full.shape
     assert rel_err(steps, full) <= 1e-5
