@@ -26,8 +26,13 @@ DEBIAN_OPENBLAS = next(
     None,
 )
 MKL = next(iter(_blas.mkl_paths()), None)
-# what MUSICGEN_MLX_BLAS unset picks: MKL when the mkl wheel is installed, else Debian's OpenBLAS
-AUTO = MKL or DEBIAN_OPENBLAS
+# what MUSICGEN_MLX_BLAS unset picks (OPENBLAS_CORETYPE unset, as in `probe`): MKL when the mkl wheel is
+# installed, else Debian's OpenBLAS; OpenBLAS first on a non-Intel AVX-512 CPU
+AUTO = (
+    (DEBIAN_OPENBLAS or MKL)
+    if _blas.avx512_cpu() and not _blas.intel_cpu()
+    else (MKL or DEBIAN_OPENBLAS)
+)
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux loader only")
 
 # Import one package alone, then report what the loader did and which libraries the process mapped.
@@ -122,9 +127,33 @@ def test_candidates_follow_the_setting(setting, expected):
         assert paths == [p for p in _blas.OPENBLAS if os.path.exists(p)] or len(paths) == 1
     elif setting == "mkl":
         assert paths == (_blas.mkl_paths() or paths) and len(paths) >= 1
+    elif _blas.openblas_first():
+        assert paths == list(_blas.OPENBLAS) + _blas.mkl_paths()
     else:
-        assert paths[-len(_blas.OPENBLAS) :] == list(_blas.OPENBLAS)
-        assert paths[: -len(_blas.OPENBLAS)] == _blas.mkl_paths()
+        assert paths == _blas.mkl_paths() + list(_blas.OPENBLAS)
+
+
+def test_openblas_first_where_its_avx512_kernels_run(monkeypatch):
+    # (AVX-512 CPU, Intel CPU, OPENBLAS_CORETYPE, OpenBLAS before MKL?)
+    cases = [
+        (True, False, None, True),
+        (True, False, "Cooperlake", True),
+        (True, False, "skylakex", True),
+        (True, False, "Haswell", False),  # AVX2 kernels named: MKL is faster
+        (True, True, None, False),  # Intel: MKL's x @ W^T is at its best there
+        (False, False, None, False),
+    ]
+    for avx512, intel, coretype, first in cases:
+        monkeypatch.setattr(_blas, "avx512_cpu", lambda avx512=avx512: avx512)
+        monkeypatch.setattr(_blas, "intel_cpu", lambda intel=intel: intel)
+        if coretype is None:
+            monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+        else:
+            monkeypatch.setenv("OPENBLAS_CORETYPE", coretype)
+        assert _blas.openblas_first() is first, (avx512, intel, coretype)
+        paths, chosen = _blas.candidates("1")
+        openblas_at = paths.index(_blas.OPENBLAS[0])
+        assert not chosen and openblas_at == (0 if first else len(_blas.mkl_paths()))
 
 
 def test_kind_and_product_form_follow_the_library(monkeypatch):
