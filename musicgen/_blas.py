@@ -71,19 +71,19 @@ def mkl_paths() -> list[str]:
 
 
 @functools.cache
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def intel_cpu() -> bool:
-    try:
-        return "GenuineIntel" in Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
+    return "GenuineIntel" in _cpuinfo()
 
 
-@functools.cache
 def avx512_cpu() -> bool:
-    try:
-        return " avx512f" in Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
+    return " avx512f" in _cpuinfo()
 
 
 def openblas_first() -> bool:
