@@ -388,13 +388,8 @@ def flatness(report: dict) -> dict:
         return a / b if a and b else None
 
     roof = report["roofline"]
-    out = {
-        side: ratio(
-            report[side]["runs"][0][f"at_{late}_ms"], report[side]["runs"][0][f"at_{early}_ms"]
-        )
-        for side in ("ours", "transformers")
-        if side in report
-    }
+    mains = {side: report[side]["runs"][0] for side in ("ours", "transformers") if side in report}
+    out = {side: ratio(r[f"at_{late}_ms"], r[f"at_{early}_ms"]) for side, r in mains.items()}
     paired = roof["paired"]
     out["back_to_back"] = (
         ratio(paired[late]["step_ms"], paired[early]["step_ms"])

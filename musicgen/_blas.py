@@ -17,9 +17,9 @@ OpenBLAS's worker threads spin for about 2^28 cycles after each call before they
 attention runs on two MLX CPU streams between those calls, and a spinning worker takes a core from them (a
 step at 1450 positions: 145 -> 120 ms on 2 cores), so OPENBLAS_THREAD_TIMEOUT defaults to 4 (spin 2^4 cycles)
 unless it is already set. OpenBLAS picks its kernels for the CPU (`core`, e.g. Haswell for AVX2, Cooperlake
-for AVX-512) unless OPENBLAS_CORETYPE names them: an AVX2 set named on an AVX-512 CPU costs 7-12 % per step
-(an AMD EPYC VM at positions 100 / 750 / 1450: 85-86 / 97-98 / 112-115 ms against 79-83 / 88-93 / 98-105 ms;
-the attention's small per-head products of 24 layers at 1450 positions: 45 against 27 ms). MKL runs its
+for AVX-512) unless OPENBLAS_CORETYPE names them. An AVX2 set named on an AVX-512 CPU lacks the AVX-512
+small-matrix path (see small_product_limit) and runs the attention's small per-head products slower (24 layers
+at 1450 positions: 45 against 27 ms): on an AMD EPYC VM a step's median of 30 s took 113 against 64 ms. MKL runs its
 threads with Intel OpenMP (libiomp5, from the `intel-openmp` wheel next to it), else GNU OpenMP, else one
 thread (MKL_THREADING_LAYER, unless already set).
 

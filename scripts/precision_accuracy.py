@@ -70,9 +70,8 @@ class Reference:
         config = model.decoder.config
         steps = frames + max(config.delays)  # the delay pattern's last frame needs its extra steps
         tokens = model.generate_tokens(prompt, steps, top_k=1, progress=False)
-        pad = config.vocab_size  # the BOS / padding id
-        delayed = build_delay_pattern(tokens, config.delays, pad)
-        bos = mx.full((1, delayed.shape[1], 1), pad, mx.int32)
+        delayed = build_delay_pattern(tokens, config.delays, config.pad_token_id)
+        bos = mx.full((1, delayed.shape[1], 1), config.bos_token_id, mx.int32)
         inputs = mx.concatenate([bos, delayed], axis=-1)[:, :, :steps]
         logits = teacher_forced_logits(model, prompt, inputs)
         return cls(prompt, np.array(tokens), inputs, logits)
