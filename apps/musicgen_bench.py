@@ -99,7 +99,8 @@ def matvec_bandwidth(n: int = 8192, repeats: int = 15) -> dict:
 
 def matvec_rates(w, x, repeats: int, skip: int = 2) -> dict:
     """Median bytes/s of W @ x, x @ W.T and x @ W over `repeats` products (the first `skip` warm up),
-    and of x @ W.T in small-matrix pieces where the step runs its products so (`_blas.small_product_limit`).
+    and of x @ W.T in small-matrix pieces, on one CPU stream and on two, where the step runs its
+    products so (`_blas.small_product_limit`).
 
     The bound takes the fastest: the BLAS streams the same matrix at different rates in each form
     (OpenBLAS 0.3.21's AVX2 kernels on an AMD EPYC, 8192 x 8192: 15-17, 20-22 and 22 GB/s).
@@ -107,12 +108,16 @@ def matvec_rates(w, x, repeats: int, skip: int = 2) -> dict:
     import mlx.core as mx
 
     from musicgen import _blas
-    from musicgen.model import linear
+    from musicgen.model import _side_stream, linear
 
     forms = {"W @ x": lambda: w @ x, "x @ W.T": lambda: x @ w.T, "x @ W": lambda: x @ w}
     if limit := _blas.small_product_limit():  # the step's form with OpenBLAS's AVX-512 kernels
-        row = x.reshape(1, -1)
+        row, side = x.reshape(1, -1), _side_stream()
         forms["x @ W.T in pieces"] = lambda: linear({"weight": w}, row, small_product=limit)
+        if side is not None:
+            forms["x @ W.T in pieces, two streams"] = lambda: linear(
+                {"weight": w}, row, small_product=limit, side=side
+            )
     out = {}
     for name, product in forms.items():
         times = []

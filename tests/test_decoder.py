@@ -65,12 +65,11 @@ def test_incremental_decoding_with_cache_matches_full_forward(mono, teacher_forc
     assert rel_err(np.concatenate([chunk, *rest], axis=2), full) <= 1e-5
 
 
-def token_step_logits(
-    decoder, tokens, cross, fold_cross=None, weight_first=None, small_product=None
-) -> np.ndarray:
-    """Logits of every position through the generation step (TokenStep), one token at a time."""
+def token_step_logits(decoder, tokens, cross, fold_cross=None, *form) -> np.ndarray:
+    """Logits of every position through the generation step (TokenStep), one token at a time;
+    `form`: the products' (weight_first, small_product, split_products)."""
     cache = decoder.make_cache(tokens.shape[0], tokens.shape[-1] + 3)
-    step = decoder.token_step(cross, cache, fold_cross, weight_first, small_product)
+    step = decoder.token_step(cross, cache, fold_cross, *form)
     logits = [np.array(step(tokens[:, :, i], i)) for i in range(tokens.shape[-1])]
     return np.stack(logits, axis=2)
 
@@ -78,9 +77,15 @@ def token_step_logits(
 FOLDS = pytest.mark.parametrize("fold", [False, True], ids=["projections", "folded"])
 
 
-# (weight_first, small_product): x @ W^T whole, W @ x^T, x @ W^T in pieces of W's rows (4 rows x 5 x 16,
-# 4 x 2 x 32: uneven pieces of the tiny decoder's 16- and 32-wide weights)
-PRODUCT_FORMS = {"x@W^T": (False, 0), "W@x^T": (True, 0), "x@W^T in pieces": (False, 4 * 5 * 16)}
+# (weight_first, small_product, split_products): x @ W^T whole, W @ x^T, x @ W^T in pieces of W's rows
+# (4 rows x 5 x 16, 4 x 2 x 32: uneven pieces of the tiny decoder's 16- and 32-wide weights) on one
+# CPU stream, and every other piece on a second one
+PRODUCT_FORMS = {
+    "x@W^T": (False, 0, False),
+    "W@x^T": (True, 0, False),
+    "x@W^T in pieces": (False, 4 * 5 * 16, False),
+    "x@W^T in pieces, two streams": (False, 4 * 5 * 16, True),
+}
 
 
 @FOLDS
