@@ -632,7 +632,9 @@ class MusicgenDecoder(nn.Module):
 
         `weight_first`, `small_product` (0: off) and `split_products` (the pieces over two CPU
         streams) pick the products' form; None: the BLAS's best."""
-        return TokenStep(self, cross, cache, fold_cross, weight_first, small_product, split_products)
+        return TokenStep(
+            self, cross, cache, fold_cross, weight_first, small_product, split_products
+        )
 
     def embed(self, tokens: mx.array) -> mx.array:
         """Sum of the per-codebook embeddings of tokens (batch, codebooks, len) -> (batch, len, dims)."""
