@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -13,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from encodec.encodec import cpu_streams
+from encodec.encodec import cpu_streams, product_in_pieces, row_pieces
 from musicgen import _blas
 
 
@@ -149,14 +148,8 @@ def linear(
         )
     elif weight_first:
         y = (p["weight"] @ x.T).T
-    elif small_product and (w := p["weight"]).shape[0] * w.shape[1] * x.shape[0] > small_product:
-        piece = max(1, small_product // (x.shape[0] * w.shape[1]))
-        pieces = [w[i : i + piece].T for i in range(0, w.shape[0], piece)]
-        products = [None] * len(pieces)
-        products[::2] = [x @ p for p in pieces[::2]]
-        with mx.stream(side) if side is not None else nullcontext():
-            products[1::2] = [x @ p for p in pieces[1::2]]
-        y = mx.concatenate(products, axis=-1)
+    elif small_product and (w := p["weight"]).size * x.shape[0] > small_product:
+        y = product_in_pieces(x, row_pieces(w, x.shape[0], small_product), side)
     else:
         y = x @ p["weight"].T
     return y + p["bias"] if "bias" in p else y

@@ -151,6 +151,22 @@ def test_decode_batch_matches_single(model, expected, monkeypatch, blas):
     np.testing.assert_allclose(batch[1:], single, atol=1e-6 * np.abs(single).max())
 
 
+def test_decode_with_the_lstm_in_pieces(model, expected, monkeypatch):
+    """The LSTM's recurrent product in small-matrix pieces, every other one on a second stream (the
+    form for OpenBLAS's AVX-512 kernels), decodes as transformers does, for one row and for two."""
+    hidden = 2**4 * 2  # the fixture's LSTM width: 2 filters, 4 upsampling ratios
+    # 5 rows of W_hh (4 x 32 rows of 32) a piece for one row, 2 for two: 26 and 64 pieces
+    monkeypatch.setattr(_blas, "small_product_limit", lambda: 5 * hidden)
+    a, b = expected["decode_codes_7"], expected["decode_codes_50"][..., :7]
+    ref = expected["decode_audio_7"].transpose(0, 2, 1)
+    assert rel_err(np.array(model.decode(mx.array(a))), ref) <= 1e-4
+    batch = np.array(model.decode(mx.array(np.concatenate([a, b]))))
+    assert rel_err(batch[:1], ref) <= 1e-4
+    monkeypatch.undo()
+    single = np.array(model.decode(mx.array(b)))
+    np.testing.assert_allclose(batch[1:], single, atol=1e-6 * np.abs(single).max())
+
+
 @pytest.mark.parametrize("name", ["1f", "20f", "odd"])
 def test_encode_parity(model, expected, name):
     audio = mx.array(expected[f"encode_audio_{name}"]).transpose(
