@@ -205,7 +205,7 @@ def cpu_streams() -> list:
 
 
 def row_pieces(w: mx.array, rows: int, limit: int) -> list[mx.array]:
-    """W's rows in pieces of at most `limit` // (rows x in) rows each, transposed, for x @ W^T with `rows` rows."""
+    """W's rows, transposed, in pieces of at most limit // (rows x in) rows: for x @ W^T, x with `rows` rows."""
     piece = max(1, limit // (rows * w.shape[1]))
     return [w[i : i + piece].T for i in range(0, w.shape[0], piece)]
 
