@@ -1,0 +1,113 @@
+"""How fast the products run in small-matrix pieces, on one CPU stream and on two (docs/benchmarks.md).
+
+    env -u OPENBLAS_CORETYPE uv run python scripts/pieces_rates.py
+    env -u OPENBLAS_CORETYPE uv run python scripts/pieces_rates.py --repeats 2 --lstm-steps 300
+
+Random float32 weights of musicgen-small's decoder (24 layers: six 1024 x 1024 products, fc1 4096 x 1024, fc2
+1024 x 4096) and of EnCodec's LSTM (4096 x 1024), each form timed back to back in this process, medians:
+- the 24 layers' 2-row products x @ W^T, independent of each other, whole and in pieces;
+- the same as a chain, each product taking the last one's output (as a step does);
+- an 8192 x 8192 matrix with one and with two rows (the roofline's form);
+- one EnCodec LSTM layer's recurrence (1500 steps of 1 x 4096 x 1024).
+The pieces are those of `_blas.small_product_limit()` (OpenBLAS's AVX-512 kernels); elsewhere the script
+uses the same 10^6 limit, to show what the pieces cost with that BLAS.
+"""
+
+# ruff: noqa: I001  (the import order below is deliberate)
+from __future__ import annotations
+
+import argparse
+import time
+from statistics import median
+
+import musicgen  # noqa: F401  (first: it loads the BLAS, which must happen before mlx is imported)
+import mlx.core as mx
+
+from encodec.encodec import _lstm_cell, cpu_streams, product_in_pieces, row_pieces
+from musicgen import _blas
+
+LAYER_SHAPES = [(1024, 1024)] * 6 + [(4096, 1024), (1024, 4096)]
+
+
+def timed(repeats: int, fn, *args) -> float:
+    """Median seconds of `repeats` evaluations of fn(*args) after one warm-up."""
+    mx.eval(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn(*args))
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def product(x: mx.array, w: mx.array, limit: int | None, side) -> mx.array:
+    return (
+        x @ w.T if limit is None else product_in_pieces(x, row_pieces(w, x.shape[0], limit), side)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=9, help="timed runs per form (default 9)")
+    parser.add_argument("--lstm-steps", type=int, default=1500, help="LSTM steps (default 1500)")
+    args = parser.parse_args()
+    limit = _blas.small_product_limit() or _blas.SMALL_PRODUCT
+    side = cpu_streams()[0]
+    print(f"{_blas.describe()}; pieces of <= {limit} multiply-adds")
+    forms = {"whole": (None, None), "pieces": (limit, None), "pieces, two streams": (limit, side)}
+
+    weights = [mx.random.normal(s) * s[1] ** -0.5 for _ in range(24) for s in LAYER_SHAPES]
+    inputs = {n: mx.random.normal((2, n)) for n in (1024, 4096)}
+    mx.eval(weights, inputs)
+    nbytes = sum(w.nbytes for w in weights)
+
+    def independent(limit, side):
+        return [product(inputs[w.shape[1]], w, limit, side) for w in weights]
+
+    def chain(limit, side):
+        x = inputs[1024]
+        for w in weights:
+            x = product(x, w, limit, side)
+        return x
+
+    for name, run in (("24 layers, independent", independent), ("24 layers, chain", chain)):
+        for form, (lim, s) in forms.items():
+            seconds = timed(args.repeats, run, lim, s)
+            print(
+                f"{name:>24} | {form:<20} {nbytes / seconds / 1e9:5.1f} GB/s  {seconds * 1e3:6.1f} ms"
+            )
+
+    big = mx.random.normal((8192, 8192))
+    rows = {1: mx.random.normal((1, 8192)), 2: mx.random.normal((2, 8192))}
+    mx.eval(big, rows)
+    for n, x in rows.items():
+        for form, (lim, s) in forms.items():
+            seconds = timed(args.repeats, product, x, big, lim, s)
+            print(
+                f"{f'8192^2, {n} row(s)':>24} | {form:<20} {big.nbytes / seconds / 1e9:5.1f} GB/s"
+            )
+
+    wh = mx.random.normal((4096, 1024)) * 0.03
+    gx = mx.random.normal((1, args.lstm_steps, 4096))
+    mx.eval(wh, gx)
+
+    def lstm(limit, side):
+        h = c = mx.zeros((1, 1024))
+        pieces = None if limit is None else row_pieces(wh, 1, limit)
+        hs = []
+        for t in range(gx.shape[1]):
+            ph = h @ wh.T if pieces is None else product_in_pieces(h, pieces, side)
+            h, c = _lstm_cell(gx[:, t] + ph, c)
+            hs.append(h)
+        return mx.stack(hs, axis=1)
+
+    for form, (lim, s) in forms.items():
+        seconds = timed(max(1, args.repeats // 2), lstm, lim, s)
+        print(f"{f'LSTM, {args.lstm_steps} steps':>24} | {form:<20} {seconds:6.2f} s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
