@@ -2,6 +2,7 @@
 
     env -u OPENBLAS_CORETYPE uv run python scripts/pieces_rates.py
     env -u OPENBLAS_CORETYPE uv run python scripts/pieces_rates.py --repeats 2 --lstm-steps 300
+    uv run python scripts/pieces_rates.py --layers 1 --matvec-size 512 --lstm-steps 4 --repeats 1  # smoke run
 
 Random float32 weights of musicgen-small's decoder (24 layers: six 1024 x 1024 products, fc1 4096 x 1024, fc2
 1024 x 4096) and of EnCodec's LSTM (4096 x 1024), each form timed back to back in this process, medians:
@@ -40,23 +41,39 @@ def timed(repeats: int, fn, *args) -> float:
     return median(times)
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def product(x: mx.array, w: mx.array, limit: int | None, side) -> mx.array:
-    return (
-        x @ w.T if limit is None else product_in_pieces(x, row_pieces(w, x.shape[0], limit), side)
-    )
+    if limit is None:
+        return x @ w.T
+    return product_in_pieces(x, row_pieces(w, x.shape[0], limit), side)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=9, help="timed runs per form (default 9)")
-    parser.add_argument("--lstm-steps", type=int, default=1500, help="LSTM steps (default 1500)")
+    parser.add_argument("--repeats", type=positive, default=9, help="timed runs a form (default 9)")
+    parser.add_argument("--layers", type=positive, default=24, help="decoder layers (default 24)")
+    parser.add_argument("--matvec-size", type=positive, default=8192, help="N x N (default 8192)")
+    parser.add_argument(
+        "--lstm-steps", type=positive, default=1500, help="LSTM steps (default 1500)"
+    )
     args = parser.parse_args()
     limit = _blas.small_product_limit() or _blas.SMALL_PRODUCT
     side = cpu_streams()[0]
     print(f"{_blas.describe()}; pieces of <= {limit} multiply-adds")
     forms = {"whole": (None, None), "pieces": (limit, None), "pieces, two streams": (limit, side)}
 
-    weights = [mx.random.normal(s) * s[1] ** -0.5 for _ in range(24) for s in LAYER_SHAPES]
+    def report(label: str, form: str, nbytes: int, seconds: float) -> None:
+        rate = f"{nbytes / seconds / 1e9:5.1f} GB/s" if nbytes else ""
+        print(f"{label:>24} | {form:<20} {rate:>10} {seconds * 1e3:9.1f} ms")
+
+    weights = [mx.random.normal(s) * s[1] ** -0.5 for _ in range(args.layers) for s in LAYER_SHAPES]
     inputs = {n: mx.random.normal((2, n)) for n in (1024, 4096)}
     mx.eval(weights, inputs)
     nbytes = sum(w.nbytes for w in weights)
@@ -70,22 +87,19 @@ def main() -> None:
             x = product(x, w, limit, side)
         return x
 
-    for name, run in (("24 layers, independent", independent), ("24 layers, chain", chain)):
+    layers = f"{args.layers} layers"
+    for label, run in ((f"{layers}, independent", independent), (f"{layers}, chain", chain)):
         for form, (lim, s) in forms.items():
-            seconds = timed(args.repeats, run, lim, s)
-            print(
-                f"{name:>24} | {form:<20} {nbytes / seconds / 1e9:5.1f} GB/s  {seconds * 1e3:6.1f} ms"
-            )
+            report(label, form, nbytes, timed(args.repeats, run, lim, s))
 
-    big = mx.random.normal((8192, 8192))
-    rows = {1: mx.random.normal((1, 8192)), 2: mx.random.normal((2, 8192))}
-    mx.eval(big, rows)
-    for n, x in rows.items():
+    n = args.matvec_size
+    matrix = mx.random.normal((n, n))
+    rows = {1: mx.random.normal((1, n)), 2: mx.random.normal((2, n))}
+    mx.eval(matrix, rows)
+    for count, x in rows.items():
         for form, (lim, s) in forms.items():
-            seconds = timed(args.repeats, product, x, big, lim, s)
-            print(
-                f"{f'8192^2, {n} row(s)':>24} | {form:<20} {big.nbytes / seconds / 1e9:5.1f} GB/s"
-            )
+            seconds = timed(args.repeats, product, x, matrix, lim, s)
+            report(f"{n}^2, {count} rows", form, matrix.nbytes, seconds)
 
     wh = mx.random.normal((4096, 1024)) * 0.03
     gx = mx.random.normal((1, args.lstm_steps, 4096))
@@ -103,7 +117,7 @@ def main() -> None:
 
     for form, (lim, s) in forms.items():
         seconds = timed(max(1, args.repeats // 2), lstm, lim, s)
-        print(f"{f'LSTM, {args.lstm_steps} steps':>24} | {form:<20} {seconds:6.2f} s")
+        report(f"LSTM, {args.lstm_steps} steps", form, 0, seconds)
 
 
 if __name__ == "__main__":

@@ -251,6 +251,28 @@ def test_precision_accuracy_script_rejects_bad_input():
     assert r.returncode == 1 and r.stderr == f"precision_accuracy: no such folder: {missing}\n"
 
 
+def test_pieces_rates_script_smoke_run():
+    """scripts/pieces_rates.py measures each product form (tiny sizes here) and rejects bad counts."""
+    script = Path(__file__).parents[1] / "scripts" / "pieces_rates.py"
+    cmd = [sys.executable, str(script), "--layers", "1", "--matvec-size", "512", "--repeats", "1"]
+    r = subprocess.run([*cmd, "--lstm-steps", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].endswith(
+        f"; pieces of <= {_blas.small_product_limit() or 1_000_000} multiply-adds"
+    )
+    forms = ["whole", "pieces", "pieces, two streams"]
+    labels = ["1 layers, independent", "1 layers, chain", "512^2, 1 rows", "512^2, 2 rows"]
+    rows = [line.split("|") for line in lines[1:]]
+    assert [(a.strip(), b.split("  ")[0].strip()) for a, b in rows] == [
+        (label, form) for label in [*labels, "LSTM, 4 steps"] for form in forms
+    ]
+    assert all("GB/s" in b for _, b in rows[:12]) and all(b.endswith(" ms") for _, b in rows)
+    r = subprocess.run([*cmd, "--lstm-steps", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines()[-1].endswith("argument --lstm-steps: must be at least 1, not 0")
+
+
 def bench(*args: str, **kw) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "apps.musicgen_bench", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
