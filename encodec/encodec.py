@@ -6,6 +6,7 @@ import inspect
 import json
 import math
 import re
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,6 +336,17 @@ def _lstm_step(
     return _lstm_cell(gates, c)
 
 
+def lstm_recurrence(gx: mx.array, recurrent: Callable[[mx.array], mx.array]) -> mx.array:
+    """The hidden states (B, T, H) of an LSTM from its input gates gx (B, T, 4H), with `recurrent`(h)
+    giving h @ Wh^T (uncompiled, so that it may put work on other streams)."""
+    h = c = mx.zeros((gx.shape[0], gx.shape[2] // 4), dtype=gx.dtype)
+    hs = []
+    for t in range(gx.shape[1]):
+        h, c = _lstm_cell(gx[:, t] + recurrent(h), c)
+        hs.append(h)
+    return mx.stack(hs, axis=1)
+
+
 class LSTM(nn.Module):
     """One LSTM layer (same parameters as mlx.nn.LSTM); input projections for all steps in one matmul."""
 
@@ -350,19 +362,16 @@ class LSTM(nn.Module):
         pieces on one stream, 0.51-0.53 s on two."""
         gx = mx.addmm(self.bias, x, self.Wx.T)
         rows = x.shape[0]
-        h = c = mx.zeros((rows, self.Wh.shape[1]), dtype=x.dtype)
-        hs = []
         limit = _blas.small_product_limit() if mx.default_device() == mx.cpu else None
         if limit and rows * self.Wh.size > limit:
             pieces, side = row_pieces(self.Wh, rows, limit), cpu_streams()[0]
-            for t in range(x.shape[1]):
-                h, c = _lstm_cell(gx[:, t] + product_in_pieces(h, pieces, side), c)
-                hs.append(h)
-        else:
-            weight_first = _blas.weight_first()
-            for t in range(x.shape[1]):
-                h, c = _lstm_step(gx[:, t], h, c, self.Wh, weight_first)
-                hs.append(h)
+            return lstm_recurrence(gx, lambda h: product_in_pieces(h, pieces, side))
+        h = c = mx.zeros((rows, self.Wh.shape[1]), dtype=x.dtype)
+        hs = []
+        weight_first = _blas.weight_first()
+        for t in range(x.shape[1]):
+            h, c = _lstm_step(gx[:, t], h, c, self.Wh, weight_first)
+            hs.append(h)
         return mx.stack(hs, axis=1)
 
 

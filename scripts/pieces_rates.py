@@ -24,7 +24,7 @@ from statistics import median
 import musicgen  # noqa: F401  (first: it loads the BLAS, which must happen before mlx is imported)
 import mlx.core as mx
 
-from encodec.encodec import _lstm_cell, cpu_streams, product_in_pieces, row_pieces
+from encodec.encodec import cpu_streams, lstm_recurrence, product_in_pieces, row_pieces
 from musicgen import _blas
 
 LAYER_SHAPES = [(1024, 1024)] * 6 + [(4096, 1024), (1024, 4096)]
@@ -106,14 +106,10 @@ def main() -> None:
     mx.eval(wh, gx)
 
     def lstm(limit, side):
-        h = c = mx.zeros((1, 1024))
-        pieces = None if limit is None else row_pieces(wh, 1, limit)
-        hs = []
-        for t in range(gx.shape[1]):
-            ph = h @ wh.T if pieces is None else product_in_pieces(h, pieces, side)
-            h, c = _lstm_cell(gx[:, t] + ph, c)
-            hs.append(h)
-        return mx.stack(hs, axis=1)
+        if limit is None:
+            return lstm_recurrence(gx, lambda h: h @ wh.T)
+        pieces = row_pieces(wh, 1, limit)
+        return lstm_recurrence(gx, lambda h: product_in_pieces(h, pieces, side))
 
     for form, (lim, s) in forms.items():
         seconds = timed(max(1, args.repeats // 2), lstm, lim, s)
