@@ -16,6 +16,7 @@ from musicgen.model import (
     MusicgenDecoderConfig,
     _side_stream,
     exp_nonpositive,
+    in_pieces,
     quantize_decoder,
     quantize_weights,
     single_query_attention,
@@ -113,6 +114,54 @@ def test_token_step_matches_full_forward(mono, teacher_forced, fold, form):
         rel_err(token_step_logits(mono, tokens[:1], ones, fold), np.array(mono(tokens[:1], ones)))
         <= 1e-5
     )
+
+
+def test_token_step_cuts_its_pieces_once(mono, teacher_forced, monkeypatch):
+    """With pieces, the step holds each linear weight as its row pieces, cut when it is built: views
+    of the weight (the same bytes), the layer norms and small weights as they are, and the same
+    logits, bit for bit, as pieces cut inside every step."""
+    d = teacher_forced
+    states, mask = text_states([0, 1], d["attention_mask"])
+    cross = mono.cross_states(*with_unconditional_rows(states[:1], mask[:1]))
+    tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)[:1]
+    tokens = mx.concatenate([tokens, tokens])
+    # the tiny decoder's 16-wide weights in pieces of 10 rows, its 32-wide ones in pieces of 5
+    limit = 4 * 5 * 16
+    step = mono.token_step(cross, mono.make_cache(2, 4), None, False, limit)
+    fc1 = step.layers[0]["fc1"]
+    assert "weight" not in fc1 and [p.shape for p in fc1["pieces"]] == [(16, 10)] * 3 + [(16, 2)]
+    w = mono.layers[0].fc1.weight
+    assert mx.array_equal(mx.concatenate([p.T for p in fc1["pieces"]]), w)
+    assert step.layers[0]["final_layer_norm"].keys() == {"weight", "bias"}
+    whole = mono.token_step(cross, mono.make_cache(2, 4), None, False, 0)
+    assert step.bytes_per_step(3) == whole.bytes_per_step(3)
+    cut = np.stack([np.array(step(tokens[:, :, i], i)) for i in range(3)])
+    monkeypatch.setattr(model, "in_pieces", lambda tree, rows, limit: tree)
+    uncut = mono.token_step(cross, mono.make_cache(2, 4), None, False, limit)
+    assert "weight" in uncut.layers[0]["fc1"]
+    assert np.array_equal(cut, np.stack([np.array(uncut(tokens[:, :, i], i)) for i in range(3)]))
+
+
+def test_in_pieces_leaves_quantized_and_small_weights():
+    """Quantized layers, 1-D weights and weights within the limit stay whole."""
+    q = {
+        "weight": mx.zeros((8, 2), mx.uint32),
+        "scales": mx.ones((8, 1)),
+        "biases": mx.zeros((8, 1)),
+    }
+    small, big = {"weight": mx.ones((4, 4))}, {"weight": mx.ones((8, 4)), "bias": mx.ones(8)}
+    tree = {
+        "q": q,
+        "norm": {"weight": mx.ones(64), "bias": mx.zeros(64)},
+        "small": small,
+        "big": [big],
+    }
+    out = in_pieces(tree, rows=2, limit=32)
+    for name in ("q", "small", "norm"):  # the same arrays, whole
+        assert out[name].keys() == tree[name].keys()
+        assert all(out[name][k] is v for k, v in tree[name].items())
+    assert out["big"][0].keys() == {"pieces", "bias"}
+    assert [p.shape for p in out["big"][0]["pieces"]] == [(4, 4), (4, 4)]
 
 
 @FOLDS
