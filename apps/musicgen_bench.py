@@ -108,16 +108,14 @@ def matvec_rates(w, x, repeats: int, skip: int = 2) -> dict:
     import mlx.core as mx
 
     from musicgen import _blas
-    from musicgen.model import _side_stream, linear
+    from musicgen.model import _side_stream, in_pieces, linear
 
     forms = {"W @ x": lambda: w @ x, "x @ W.T": lambda: x @ w.T, "x @ W": lambda: x @ w}
     if limit := _blas.small_product_limit():  # the step's form with OpenBLAS's AVX-512 kernels
-        row, side = x.reshape(1, -1), _side_stream()
-        forms["x @ W.T in pieces"] = lambda: linear({"weight": w}, row, small_product=limit)
+        row, side, cut = x.reshape(1, -1), _side_stream(), in_pieces({"weight": w}, 1, limit)
+        forms["x @ W.T in pieces"] = lambda: linear(cut, row)
         if side is not None:
-            forms["x @ W.T in pieces, two streams"] = lambda: linear(
-                {"weight": w}, row, small_product=limit, side=side
-            )
+            forms["x @ W.T in pieces, two streams"] = lambda: linear(cut, row, side=side)
     out = {}
     for name, product in forms.items():
         times = []

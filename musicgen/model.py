@@ -128,7 +128,6 @@ def linear(
     x: mx.array,
     quantization: tuple[int, int] | None = None,
     weight_first: bool = False,
-    small_product: int | None = None,
     side: mx.Stream | None = None,
 ) -> mx.array:
     """x (rows, in) through a linear layer's parameters `p` -> (rows, out).
@@ -136,10 +135,9 @@ def linear(
     Float weights run as x @ W^T, or with `weight_first` as W @ x^T: for a few rows that is the
     matrix-vector form OpenBLAS streams fastest (5-20 % faster at 2 rows), as does MKL on an AMD CPU,
     while MKL on an Intel CPU streams x @ W^T twice as fast as W @ x^T (see `_blas.weight_first`).
-    With `small_product`, x @ W^T runs in pieces of W's rows of at most that many rows x in x out
-    multiply-adds each, which the BLAS takes its faster small-matrix path for (`_blas.small_product_limit`),
-    and with `side` every other piece on that stream: the small-matrix code runs on one thread, so
-    the second core takes half the pieces.
+    With `p["pieces"]` (W's rows cut by `in_pieces`), x @ W^T runs piece by piece, which the BLAS
+    takes its faster small-matrix path for (`_blas.small_product_limit`), and with `side` every other
+    piece on that stream: the small-matrix code runs on one thread, so the second core takes half.
     """
     if "scales" in p:
         group_size, bits = quantization
@@ -148,10 +146,8 @@ def linear(
         )
     elif weight_first:
         y = (p["weight"] @ x.T).T
-    elif "pieces" in p:  # cut once per generation (see `in_pieces`)
+    elif "pieces" in p:
         y = product_in_pieces(x, p["pieces"], side)
-    elif small_product and (w := p["weight"]).size * x.shape[0] > small_product:
-        y = product_in_pieces(x, row_pieces(w, x.shape[0], small_product), side)
     else:
         y = x @ p["weight"].T
     return y + p["bias"] if "bias" in p else y
@@ -391,13 +387,7 @@ class TokenStep:
         if split_products is None:
             split_products = self._side is not None
         side = cpu_streams()[0] if split_products and small_product and on_cpu else None
-        lin = partial(
-            linear,
-            quantization=quant,
-            weight_first=weight_first,
-            small_product=small_product,
-            side=side,
-        )
+        lin = partial(linear, quantization=quant, weight_first=weight_first, side=side)
         rows = cache[0].keys.shape[0]
         text_rows = rows if cross.has_text is None else _leading_true(cross.has_text.tolist())
         text_len = cross.kv[0][0].shape[2]
