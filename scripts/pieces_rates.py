@@ -10,8 +10,9 @@ Random float32 weights of musicgen-small's decoder (24 layers: six 1024 x 1024 p
 - the same as a chain, each product taking the last one's output (as a step does);
 - an 8192 x 8192 matrix with one and with two rows (the roofline's form);
 - one EnCodec LSTM layer's recurrence (1500 steps of 1 x 4096 x 1024).
-The pieces are those of `_blas.small_product_limit()` (OpenBLAS's AVX-512 kernels); elsewhere the script
-uses the same 10^6 limit, to show what the pieces cost with that BLAS.
+The pieces are those of `_blas.small_product_limit()` (OpenBLAS's AVX-512 kernels), cut once beforehand as
+the decoder step cuts them (`in_pieces`); elsewhere the script uses the same 10^6 limit, to show what the
+pieces cost with that BLAS.
 """
 
 # ruff: noqa: I001  (the import order below is deliberate)
@@ -49,10 +50,9 @@ def positive(text: str) -> int:
     return value
 
 
-def product(x: mx.array, w: mx.array, limit: int | None, side) -> mx.array:
-    if limit is None:
-        return x @ w.T
-    return product_in_pieces(x, row_pieces(w, x.shape[0], limit), side)
+def product(x: mx.array, w: mx.array, pieces: list[mx.array], limit: int | None, side) -> mx.array:
+    """x @ W^T whole (no limit) or from W's pieces, cut beforehand as the step cuts them."""
+    return x @ w.T if limit is None else product_in_pieces(x, pieces, side)
 
 
 def main() -> None:
@@ -75,16 +75,20 @@ def main() -> None:
 
     weights = [mx.random.normal(s) * s[1] ** -0.5 for _ in range(args.layers) for s in LAYER_SHAPES]
     inputs = {n: mx.random.normal((2, n)) for n in (1024, 4096)}
-    mx.eval(weights, inputs)
+    pieces = [row_pieces(w, 2, limit) for w in weights]
+    mx.eval(weights, inputs, pieces)
     nbytes = sum(w.nbytes for w in weights)
 
     def independent(limit, side):
-        return [product(inputs[w.shape[1]], w, limit, side) for w in weights]
+        return [
+            product(inputs[w.shape[1]], w, p, limit, side)
+            for w, p in zip(weights, pieces, strict=True)
+        ]
 
     def chain(limit, side):
         x = inputs[1024]
-        for w in weights:
-            x = product(x, w, limit, side)
+        for w, p in zip(weights, pieces, strict=True):
+            x = product(x, w, p, limit, side)
         return x
 
     layers = f"{args.layers} layers"
@@ -97,8 +101,10 @@ def main() -> None:
     rows = {1: mx.random.normal((1, n)), 2: mx.random.normal((2, n))}
     mx.eval(matrix, rows)
     for count, x in rows.items():
+        cut = row_pieces(matrix, count, limit)
+        mx.eval(cut)
         for form, (lim, s) in forms.items():
-            seconds = timed(args.repeats, product, x, matrix, lim, s)
+            seconds = timed(args.repeats, product, x, matrix, cut, lim, s)
             report(f"{n}^2, {count} rows", form, matrix.nbytes, seconds)
 
     wh = mx.random.normal((4096, 1024)) * 0.03
