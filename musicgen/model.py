@@ -157,7 +157,7 @@ def in_pieces(tree, rows: int, limit: int):
     """`tree` with each float linear layer's weight (2-D) replaced by its `row_pieces` for `rows` rows.
 
     Cut once when a step is built, not inside every step: as slices made in the step, the pieces cost
-    the step two view operations each (about 1600 a step for musicgen-small).
+    the step two view operations each (about 1500 a step for musicgen-small).
     """
     if isinstance(tree, list):
         return [in_pieces(t, rows, limit) for t in tree]
