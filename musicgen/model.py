@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from encodec.encodec import cpu_streams, product_in_pieces, row_pieces
-from musicgen import _blas
+from musicgen import _blas, cpu_kernels
 
 
 @dataclass
@@ -129,6 +129,7 @@ def linear(
     quantization: tuple[int, int] | None = None,
     weight_first: bool = False,
     side: mx.Stream | None = None,
+    product=None,
 ) -> mx.array:
     """x (rows, in) through a linear layer's parameters `p` -> (rows, out).
 
@@ -138,12 +139,15 @@ def linear(
     With `p["pieces"]` (W's rows cut by `in_pieces`), x @ W^T runs piece by piece, which the BLAS
     takes its faster small-matrix path for (`_blas.small_product_limit`), and with `side` every other
     piece on that stream: the small-matrix code runs on one thread, so the second core takes half.
+    With `product` (the CPU kernels' `few_row_product`), float weights run as product(x, W).
     """
     if "scales" in p:
         group_size, bits = quantization
         y = mx.quantized_matmul(
             x, p["weight"], p["scales"], p["biases"], True, group_size=group_size, bits=bits
         )
+    elif product is not None:
+        y = product(x, p["weight"])
     elif weight_first:
         y = (p["weight"] @ x.T).T
     elif "pieces" in p:
@@ -369,6 +373,7 @@ class TokenStep:
         weight_first: bool | None = None,
         small_product: int | None = None,
         split_products: bool | None = None,
+        kernels: bool | None = None,
     ):
         c = decoder.config
         heads, dims = c.num_attention_heads, c.hidden_size
@@ -378,17 +383,28 @@ class TokenStep:
         quant = (
             None if decoder.quant_bits is None else (decoder.quant_group_size, decoder.quant_bits)
         )
+        rows = cache[0].keys.shape[0]
+        on_cpu = mx.default_device() == mx.cpu
+        fits_kernels = on_cpu and rows <= 2 and decoder.dtype == mx.float32 and quant is None
+        if kernels is None:
+            kernels = fits_kernels and cpu_kernels.enabled()
+        elif kernels and not (fits_kernels and cpu_kernels.enabled()):
+            raise ValueError("the CPU kernels need a float32, unquantized CPU step of <= 2 rows")
+        self.kernels = cpu_kernels.load() if kernels else None
+        if self.kernels is not None:
+            weight_first, small_product, split_products = False, 0, False
         if weight_first is None:
             weight_first = _blas.weight_first()
-        on_cpu = mx.default_device() == mx.cpu
         if small_product is None and on_cpu:
             small_product = _blas.small_product_limit()
         self._side = _side_stream()  # the second stream, None on a GPU or with MKL
         if split_products is None:
             split_products = self._side is not None
         side = cpu_streams()[0] if split_products and small_product and on_cpu else None
-        lin = partial(linear, quantization=quant, weight_first=weight_first, side=side)
-        rows = cache[0].keys.shape[0]
+        product = self.kernels.few_row_product if self.kernels is not None else None
+        lin = partial(
+            linear, quantization=quant, weight_first=weight_first, side=side, product=product
+        )
         text_rows = rows if cross.has_text is None else _leading_true(cross.has_text.tolist())
         text_len = cross.kv[0][0].shape[2]
         if fold_cross is None:
@@ -510,6 +526,8 @@ class TokenStep:
         synchronisation costs more than it saves (measured: 24 layers at 50 positions, 4.6 ms split
         vs 3.6 ms not; at 300, 13.8 vs 14.4 ms).
         """
+        if self.kernels is not None:
+            return self.kernels.cached_attention(q, keys, values)
         half = q.shape[0] // 2
         side = self._side
         if side is None:  # a GPU, or MKL
@@ -637,13 +655,15 @@ class MusicgenDecoder(nn.Module):
         weight_first: bool | None = None,
         small_product: int | None = None,
         split_products: bool | None = None,
+        kernels: bool | None = None,
     ) -> TokenStep:
         """The fast single-token step of a generation over `cross` and `cache` (see TokenStep).
 
         `weight_first`, `small_product` (0: off) and `split_products` (the pieces over two CPU
-        streams) pick the products' form; None: the BLAS's best."""
+        streams) pick the products' form; None: the BLAS's best. `kernels`: the fused CPU kernels
+        (`musicgen.cpu_kernels`) for the products and the self-attention; None: where they run."""
         return TokenStep(
-            self, cross, cache, fold_cross, weight_first, small_product, split_products
+            self, cross, cache, fold_cross, weight_first, small_product, split_products, kernels
         )
 
     def embed(self, tokens: mx.array) -> mx.array:

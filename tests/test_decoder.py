@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from reference import text_states
 
-from musicgen import _blas, model
+from musicgen import _blas, cpu_kernels, model
 from musicgen.generate import with_unconditional_rows
 from musicgen.model import (
     MusicgenDecoder,
@@ -69,7 +69,7 @@ def test_incremental_decoding_with_cache_matches_full_forward(mono, teacher_forc
 
 def token_step_logits(decoder, tokens, cross, fold_cross=None, *form) -> np.ndarray:
     """Logits of every position through the generation step (TokenStep), one token at a time;
-    `form`: the products' (weight_first, small_product, split_products)."""
+    `form`: the products' (weight_first, small_product, split_products, kernels)."""
     cache = decoder.make_cache(tokens.shape[0], tokens.shape[-1] + 3)
     step = decoder.token_step(cross, cache, fold_cross, *form)
     logits = [np.array(step(tokens[:, :, i], i)) for i in range(tokens.shape[-1])]
@@ -79,14 +79,15 @@ def token_step_logits(decoder, tokens, cross, fold_cross=None, *form) -> np.ndar
 FOLDS = pytest.mark.parametrize("fold", [False, True], ids=["projections", "folded"])
 
 
-# (weight_first, small_product, split_products): x @ W^T whole, W @ x^T, x @ W^T in pieces of W's rows
-# (4 rows x 5 x 16, 4 x 2 x 32: uneven pieces of the tiny decoder's 16- and 32-wide weights) on one
-# CPU stream, and every other piece on a second one
+# (weight_first, small_product, split_products, kernels): x @ W^T whole, W @ x^T, x @ W^T in pieces of
+# W's rows (4 rows x 5 x 16, 4 x 2 x 32: uneven pieces of the tiny decoder's 16- and 32-wide weights)
+# on one CPU stream, and every other piece on a second one; not the fused CPU kernels (see
+# test_token_step_with_cpu_kernels_matches_full_forward)
 PRODUCT_FORMS = {
-    "x@W^T": (False, 0, False),
-    "W@x^T": (True, 0, False),
-    "x@W^T in pieces": (False, 4 * 5 * 16, False),
-    "x@W^T in pieces, two streams": (False, 4 * 5 * 16, True),
+    "x@W^T": (False, 0, False, False),
+    "W@x^T": (True, 0, False, False),
+    "x@W^T in pieces": (False, 4 * 5 * 16, False, False),
+    "x@W^T in pieces, two streams": (False, 4 * 5 * 16, True, False),
 }
 
 
@@ -117,6 +118,28 @@ def test_token_step_matches_full_forward(mono, teacher_forced, fold, form):
     )
 
 
+@FOLDS
+def test_token_step_with_cpu_kernels_matches_full_forward(mono, teacher_forced, fold):
+    """The step on the fused CPU kernels (one text row and its unconditional row, as classifier-free
+    guidance runs a prompt; and the text row alone) equals the teacher-forced forward."""
+    if not cpu_kernels.enabled():
+        pytest.skip("the CPU kernels run on x86-64 Linux with AVX-512 only")
+    d = teacher_forced
+    states, mask = text_states([0, 1], d["attention_mask"])
+    cross = mono.cross_states(*with_unconditional_rows(states[:1], mask[:1]))
+    tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)[:1]
+    tokens = mx.concatenate([tokens, tokens])
+    full = np.array(mono(tokens, cross))
+    kernels = token_step_logits(mono, tokens, cross, fold, None, None, None, True)
+    assert kernels.shape == full.shape and rel_err(kernels, full) <= 1e-5
+    assert rel_err(kernels[:1], d["logits"].reshape(2, 4, 8, -1)[:1]) <= 1e-4
+    alone = mono.cross_states(states[:1], mask[:1])
+    one_row = token_step_logits(mono, tokens[:1], alone, fold, None, None, None, True)
+    assert rel_err(one_row, np.array(mono(tokens[:1], alone))) <= 1e-5
+    with pytest.raises(ValueError, match="CPU kernels"):  # 4 rows: batch 2 with guidance
+        mono.token_step(cross, mono.make_cache(4, 1), kernels=True)
+
+
 def test_token_step_cuts_its_pieces_once(mono, teacher_forced):
     """With pieces, the step holds each linear weight as its row pieces, cut when it is built: views
     of the weight (the same bytes), the layer norms as they are; `linear` runs the pieces, and the
@@ -128,7 +151,7 @@ def test_token_step_cuts_its_pieces_once(mono, teacher_forced):
     tokens = mx.concatenate([tokens, tokens])
     # the tiny decoder's 16-wide weights in pieces of 10 rows, its 32-wide ones in pieces of 5
     limit = 4 * 5 * 16
-    step = mono.token_step(cross, mono.make_cache(2, 4), None, False, limit)
+    step = mono.token_step(cross, mono.make_cache(2, 4), None, False, limit, kernels=False)
     fc1, w = step.layers[0]["fc1"], mono.layers[0].fc1.weight
     assert "weight" not in fc1 and [p.shape for p in fc1["pieces"]] == [(16, 10)] * 3 + [(16, 2)]
     assert mx.array_equal(mx.concatenate([p.T for p in fc1["pieces"]]), w)
@@ -136,7 +159,7 @@ def test_token_step_cuts_its_pieces_once(mono, teacher_forced):
     assert step.layers[0]["final_layer_norm"].keys() == {"weight", "bias"}
     h = mx.random.normal((2, 16), key=mx.random.key(1))
     assert rel_err(linear(fc1, h), h @ w.T) <= 1e-6
-    whole = mono.token_step(cross, mono.make_cache(2, 4), None, False, 0)
+    whole = mono.token_step(cross, mono.make_cache(2, 4), None, False, 0, kernels=False)
     assert "weight" in whole.layers[0]["fc1"]
     assert step.bytes_per_step(3) == whole.bytes_per_step(3)
     for i in range(3):

@@ -1,0 +1,161 @@
+"""The decoder step's two fused CPU kernels (csrc/cpu_kernels.cpp), compiled on first use.
+
+On an x86-64 Linux CPU with AVX-512, the generation step runs its weight products (one or two rows:
+classifier-free guidance's pair) and its self-attention over the K/V cache as MLX C++ primitives
+instead of MLX's own operations: each weight is read once for both rows, the attention is one pass
+per head, and both split their work over two cores inside the primitive (see docs/benchmarks.md).
+
+The extension is compiled once with the system C++ compiler (`$CXX`, else g++: MLX's CPU backend
+compiles its fused kernels with it too) against the installed MLX and nanobind (the version MLX was
+built with), into the conversion cache (`$MUSICGEN_MLX_CACHE/kernels`), and checked against MLX
+before use. Anything missing or failing means MLX's own operations, with one warning.
+
+MUSICGEN_MLX_KERNELS=0 turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import mlx.core as mx
+
+from musicgen import _blas
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+OFF_SETTINGS = ("0", "off", "false", "no")
+
+
+def wanted() -> bool:
+    """Whether this machine can run the kernels and they were not turned off."""
+    if os.environ.get("MUSICGEN_MLX_KERNELS", "").strip().lower() in OFF_SETTINGS:
+        return False
+    return sys.platform == "linux" and platform.machine() == "x86_64" and _blas.avx512_cpu()
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled kernels (building them the first time), or None where they cannot run."""
+    if not wanted():
+        return None
+    try:
+        module = _import(_build())
+        _check(module)
+    except Exception as e:  # no compiler, no nanobind, an MLX it does not match: MLX's own ops
+        warnings.warn(
+            f"musicgen CPU kernels unavailable ({e}); using MLX's operations", stacklevel=2
+        )
+        return None
+    return module
+
+
+def enabled() -> bool:
+    """Whether the kernels are in use (loaded on the first call)."""
+    return load() is not None
+
+
+def _nanobind():
+    import nanobind
+
+    return nanobind
+
+
+def _library_path() -> Path:
+    """Where the compiled module lives: named by the source, MLX, nanobind, Python and compiler."""
+    from musicgen.weights import cache_root
+
+    nanobind = _nanobind()
+    key = "|".join(
+        [
+            hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+            mx.__version__,
+            nanobind.__version__,
+            sys.version,
+            _compiler(),
+            platform.machine(),
+        ]
+    )
+    tag = hashlib.sha256(key.encode()).hexdigest()[:16]
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    return cache_root() / "kernels" / f"_cpu_kernels-{tag}{suffix}"
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX") or "g++"
+
+
+def _build() -> Path:
+    """Compiles the extension unless already built; returns its path."""
+    target = _library_path()
+    if target.exists():
+        return target
+    compiler = shutil.which(_compiler())
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler ({_compiler()}; set CXX)")
+    nanobind = Path(_nanobind().__file__).parent
+    mlx_root = Path(mx.__file__).parent
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        command = [
+            compiler,
+            "-std=c++20",
+            "-O3",
+            "-march=native",
+            "-fPIC",
+            "-shared",
+            "-fvisibility=hidden",
+            "-fno-strict-aliasing",
+            "-DNDEBUG",
+            "-DNB_DOMAIN=mlx",  # share MLX's nanobind types (mx.array)
+            f"-I{sysconfig.get_paths()['include']}",
+            f"-I{nanobind / 'include'}",
+            f"-I{nanobind / 'ext' / 'robin_map' / 'include'}",
+            f"-I{mlx_root / 'include'}",
+            str(SOURCE),
+            str(nanobind / "src" / "nb_combined.cpp"),
+            "-o",
+            str(built),
+            f"-L{mlx_root / 'lib'}",
+            "-lmlx",
+            f"-Wl,-rpath,{mlx_root / 'lib'}",
+        ]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["?"])[-1]
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {last}")
+        os.replace(built, target)  # whole or not at all, also with another process building
+    return target
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_cpu_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check(module: ModuleType) -> None:
+    """Both kernels against MLX on small inputs: an ABI mismatch shows up here, not mid-generation."""
+    with mx.stream(mx.cpu):
+        key = mx.random.key(0)
+        x, w = mx.random.normal((2, 40), key=key), mx.random.normal((37, 40), key=key)
+        q = mx.random.normal((2, 2, 1, 24), key=key)
+        kv = mx.random.normal((2, 2, 9, 24), key=key)
+        expected = mx.softmax(q @ kv.swapaxes(-1, -2), axis=-1) @ kv
+        if not (
+            mx.allclose(module.few_row_product(x, w), x @ w.T, atol=1e-4).item()
+            and mx.allclose(module.cached_attention(q, kv, kv), expected, atol=1e-5).item()
+        ):
+            raise RuntimeError("results differ from MLX's")
