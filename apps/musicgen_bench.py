@@ -33,8 +33,17 @@ import musicgen  # noqa: F401  (loads OpenBLAS before anything imports mlx)
 WINDOWS = {"100": (50, 150), "750": (700, 800), "1450": (1400, 1500)}
 # Flatness: the median step of the late window over that of the early one.
 FLATNESS = ("1450", "100")
-# Environment variables that change how the BLAS runs (reported: a VM image may set them for every process).
-BLAS_ENV_PREFIXES = ("MUSICGEN_MLX_BLAS", "OPENBLAS_", "GOTO_", "MKL_", "KMP_", "OMP_")
+# Environment variables that change how the BLAS (or the CPU kernels) run (reported: a VM image may
+# set them for every process).
+BLAS_ENV_PREFIXES = (
+    "MUSICGEN_MLX_BLAS",
+    "MUSICGEN_MLX_KERNELS",
+    "OPENBLAS_",
+    "GOTO_",
+    "MKL_",
+    "KMP_",
+    "OMP_",
+)
 PROMPT = "80s pop track with bassy drums and synth"
 
 
@@ -275,6 +284,7 @@ def worker_generate(args: dict) -> dict:
         "versions": {"mlx": mx.__version__},
         "backend": backend(),
         "blas": _blas.describe(),
+        "cpu_kernels": guided_step(model, args["prompt"], 8).kernels is not None,
         "blas_env": blas_env(),
         "dtype": str(model.decoder.dtype).removeprefix("mlx.core."),
         "quantize": args["quantize"],
@@ -448,6 +458,7 @@ def print_table(report: dict) -> None:
     )
     print(
         f"backend {ours['backend']}, BLAS {ours['blas']}, dtype {ours['dtype']}"
+        + (", fused CPU kernels" if ours.get("cpu_kernels") else "")
         + (f", {ours['quantize']}-bit decoder linears" if ours["quantize"] else "")
         + f", mlx {ours['versions']['mlx']}, batch 1, CFG 3, top-k 250, repeats {report['repeats']}"
     )

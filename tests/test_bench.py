@@ -19,7 +19,7 @@ import pytest
 
 from apps import musicgen_bench
 from apps.random_checkpoint import shape_config, shapes, tensor_specs, write_checkpoint
-from musicgen import _blas
+from musicgen import _blas, cpu_kernels
 from musicgen.generate import with_unconditional_rows
 from musicgen.weights import load_state_dict
 
@@ -155,6 +155,7 @@ def test_bench_end_to_end_on_tiny_shape(tiny_checkpoint, capsys):
     ours = report["ours"]
     assert report["steps"] == [steps, short] and "transformers" not in report
     assert ours["backend"] in ("CPU", "Metal", "CUDA") and ours["dtype"] == "float32"
+    assert ours["cpu_kernels"] is (ours["backend"] == "CPU" and cpu_kernels.wanted())
     assert [r["steps"] for r in ours["runs"]] == [steps, short]
     assert [r["samples"] for r in ours["runs"]] == [(steps - 3) * 640, (short - 3) * 640]
     for run in ours["runs"]:
