@@ -358,10 +358,13 @@ class TokenStep:
     generation (see `fold_cross_attention`), so a step reads two small per-row matrices instead
     of two width x width weights.
 
-    On the CPU with OpenBLAS's AVX-512 kernels, each product runs in small-matrix pieces, every other
-    one on a second stream (`split_products`; see `linear`): the step at ~100 / ~750 / ~1450
-    positions took 53.7-53.8 / 61.4-61.6 / 71.8-77.6 ms on one stream, 45.7-46.2 / 52.6-53.9 /
-    62.6-65.0 ms on two (musicgen-small shape, back to back).
+    On an x86-64 CPU with AVX-512 (float32, <= 2 rows), the products and the self-attention run on
+    the fused CPU kernels (`kernels`, see musicgen.cpu_kernels): at ~100 / ~750 / ~1450 positions
+    43.5-45.1 / 48.4-48.8 / 54.8-56.8 ms against 44.0-48.1 / 52.0-55.1 / 63.3-63.9 ms without
+    (musicgen-small shape, back to back). Without them, with OpenBLAS's AVX-512 kernels, each
+    product runs in small-matrix pieces, every other one on a second stream (`split_products`; see
+    `linear`): 53.7-53.8 / 61.4-61.6 / 71.8-77.6 ms on one stream, 45.7-46.2 / 52.6-53.9 /
+    62.6-65.0 ms on two.
     """
 
     def __init__(

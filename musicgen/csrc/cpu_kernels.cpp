@@ -48,18 +48,20 @@ class Helper {
     int generation = generation_.fetch_add(1, std::memory_order_release) + 1;
     generation_.notify_one();
     mine();
-    while (done_.load(std::memory_order_acquire) != generation) {
-    }
+    for (int spins = 0; done_.load(std::memory_order_acquire) != generation; spins++)
+      if (spins > FINISH_SPINS) std::this_thread::yield();  // the helper may need this core
+      else _mm_pause();
   }
 
  private:
-  static constexpr int SPINS = 1 << 14;
+  static constexpr int SPINS = 1 << 10, FINISH_SPINS = 1 << 8;
 
   void loop() {
     int seen = 0;
     for (;;) {
       for (int spins = 0; generation_.load(std::memory_order_acquire) == seen; spins++)
         if (spins > SPINS) generation_.wait(seen, std::memory_order_acquire);
+        else _mm_pause();
       seen = generation_.load(std::memory_order_acquire);
       job_();
       done_.store(seen, std::memory_order_release);
