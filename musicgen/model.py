@@ -176,7 +176,10 @@ def in_pieces(tree, rows: int, limit: int):
     return {**rest, "pieces": row_pieces(w, rows, limit)}
 
 
-def layer_norm(p: dict, x: mx.array) -> mx.array:
+def layer_norm(p: dict, x: mx.array, kernel=None) -> mx.array:
+    """MusicGen's layer norm (eps 1e-5); `kernel`: the CPU kernels' `layer_norm` instead."""
+    if kernel is not None:
+        return kernel(x, p["weight"], p["bias"], 1e-5)
     return mx.fast.layer_norm(x, p["weight"], p["bias"], 1e-5)
 
 
@@ -408,6 +411,7 @@ class TokenStep:
         lin = partial(
             linear, quantization=quant, weight_first=weight_first, side=side, product=product
         )
+        norm = partial(layer_norm, kernel=self.kernels and self.kernels.layer_norm)
         text_rows = rows if cross.has_text is None else _leading_true(cross.has_text.tolist())
         text_len = cross.kv[0][0].shape[2]
         if fold_cross is None:
@@ -417,7 +421,7 @@ class TokenStep:
         self.text_rows, self.fold_cross = text_rows, fold_cross and text_rows > 0
 
         def attention_in(p: dict, x: mx.array):
-            h = layer_norm(p["self_attn_layer_norm"], x)
+            h = norm(p["self_attn_layer_norm"], x)
             a = p["self_attn"]
 
             def split(y):
@@ -443,10 +447,10 @@ class TokenStep:
         def attention_out(p: dict, x, attn, *text):
             x = x + lin(p["self_attn"]["out_proj"], attn.reshape(rows, dims))
             if text_rows:
-                h = layer_norm(p["encoder_attn_layer_norm"], x[:text_rows])
+                h = norm(p["encoder_attn_layer_norm"], x[:text_rows])
                 y = attend_text(p.get("encoder_attn"), h, *text)
                 x = x + (y if text_rows == rows else mx.pad(y, [(0, rows - text_rows), (0, 0)]))
-            h = layer_norm(p["final_layer_norm"], x)
+            h = norm(p["final_layer_norm"], x)
             return x + lin(p["fc2"], act(lin(p["fc1"], h)))
 
         def embed(tables: list[mx.array], tokens: mx.array, position: mx.array) -> mx.array:
@@ -455,8 +459,8 @@ class TokenStep:
                 x = x + table[tokens[:, k]]
             return x
 
-        def logits(norm: dict, lm_heads: list[dict], x: mx.array) -> mx.array:
-            h = layer_norm(norm, x)
+        def logits(final_norm: dict, lm_heads: list[dict], x: mx.array) -> mx.array:
+            h = norm(final_norm, x)
             return mx.stack([lin(p, h) for p in lm_heads], axis=1).astype(mx.float32)
 
         self._attention_in = mx.compile(attention_in)

@@ -37,7 +37,7 @@ def test_few_row_product_is_x_times_w_transposed(kernels, shape):
 
 
 def test_few_row_product_takes_batched_rows_and_views(kernels):
-    """x (batch, 1, in) like a step's state, a transposed x (made contiguous first) and a row slice
+    """x (batch, 1, in) like a step's state, strided views of x (read as they are) and a row slice
     of a weight (a view into a larger buffer, as a layer's rows)."""
     x = mx.random.normal((2, 1, 48), key=mx.random.key(0))
     w = mx.random.normal((100, 48), key=mx.random.key(1))
@@ -45,6 +45,10 @@ def test_few_row_product_takes_batched_rows_and_views(kernels):
     assert rel_err(kernels.few_row_product(x, w[40:90]), x @ w[40:90].T) <= 1e-5
     xt = mx.random.normal((48, 2), key=mx.random.key(2)).T
     assert rel_err(kernels.few_row_product(xt, w), xt @ w.T) <= 1e-5
+    assert (
+        rel_err(kernels.few_row_product(x[:, :, ::2], w[:, :24]), x[:, :, ::2] @ w[:, :24].T)
+        <= 1e-5
+    )
 
 
 def test_few_row_product_rejects_what_it_does_not_run(kernels):
@@ -71,6 +75,8 @@ def test_cached_attention_is_softmax_attention(kernels, shape):
     keys = mx.random.normal(cache, key=kk)[:, :, :length]
     values = mx.random.normal(cache, key=kv)[:, :, :length]
     q = mx.random.normal((batch, heads, 1, head_dim), key=kq) * head_dim**-0.5
+    if heads > 1:  # a query with its heads strided, as a (batch, 1, heads, d) state transposed
+        q = mx.random.normal((batch, 1, heads, head_dim), key=kq).swapaxes(1, 2) * head_dim**-0.5
     out = kernels.cached_attention(q, keys, values)
     assert out.shape == q.shape and out.dtype == mx.float32
     scores = np.array(q, np.float64) @ np.array(keys, np.float64).swapaxes(-1, -2)
@@ -125,3 +131,33 @@ def test_without_a_compiler_the_step_keeps_mlx_operations(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.warns(UserWarning, match=r"CPU kernels unavailable \(no C\+\+ compiler"):
         assert cpu_kernels.load.__wrapped__() is None
+
+
+@pytest.mark.parametrize("shape", [(2, 1024), (1, 2, 16), (3, 40)])
+def test_layer_norm_is_mlx_layer_norm(kernels, shape):
+    """Rows of the step's width, a batched state and a width past a vector (40)."""
+    kx, kw, kb = mx.random.split(mx.random.key(shape[-1]), 3)
+    x = mx.random.normal(shape, key=kx) * 3 + 1
+    weight = mx.random.normal(shape[-1:], key=kw)
+    bias = mx.random.normal(shape[-1:], key=kb)
+    out = kernels.layer_norm(x, weight, bias, 1e-5)
+    assert out.shape == x.shape and out.dtype == mx.float32
+    assert rel_err(out, mx.fast.layer_norm(x, weight, bias, 1e-5)) <= 1e-5
+    # strided views (a row slice, a transposed state, a weight with a stride): read as they are
+    xt = mx.random.normal((shape[-1], 2), key=kx).T
+    assert (
+        rel_err(
+            kernels.layer_norm(xt, weight, bias, 1e-5), mx.fast.layer_norm(xt, weight, bias, 1e-5)
+        )
+        <= 1e-5
+    )
+    wide = mx.random.normal((2 * shape[-1],), key=kw)
+    assert (
+        rel_err(
+            kernels.layer_norm(x, wide[::2], bias, 1e-5),
+            mx.fast.layer_norm(x, wide[::2], bias, 1e-5),
+        )
+        <= 1e-5
+    )
+    with pytest.raises(ValueError, match="float32"):
+        kernels.layer_norm(x, weight[:-1], bias, 1e-5)

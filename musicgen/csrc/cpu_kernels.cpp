@@ -1,4 +1,4 @@
-// Two float32 CPU kernels for the decoder step (x86-64 with AVX-512), as MLX primitives.
+// Float32 CPU kernels for the decoder step (x86-64 with AVX-512), as MLX primitives.
 //
 // - few_row_product(x, w): x (..., k) @ W^T for W (n, k) and one or two rows of x (classifier-free
 //   guidance's pair). W is read once for both rows, four of its rows at a time; OpenBLAS packs W
@@ -6,6 +6,7 @@
 // - cached_attention(q, keys, values): softmax(q K^T) V for one query per head over a key/value
 //   cache whose positions are rows of head_dim floats: scores, softmax and the weighted sum in one
 //   pass per head, where MLX runs about eight operations a layer.
+// - layer_norm(x, weight, bias, eps): one operation, where MLX's CPU backend runs five.
 //
 // Both split their work with a helper thread that spins briefly between jobs: two cores on one
 // MLX stream, joined in microseconds (a join between two MLX streams costs tens). Compiled on
@@ -86,6 +87,33 @@ void in_two(int units, int align, bool worth_it, Part part) {
   helper().run([=] { part(mid, units); }, [=] { part(0, mid); });
 }
 
+// The layout of an input: its data is read inside the dispatched task (computed by then).
+struct Layout {
+  mx::Shape shape;
+  mx::Strides strides;
+  bool row_contiguous;
+
+  explicit Layout(const mx::array& a)
+      : shape(a.shape()), strides(a.strides()), row_contiguous(a.flags().row_contiguous) {}
+
+  // The elements in row-major order: `data` itself, or a copy into `buffer` for a strided view.
+  const float* row_major(const float* data, std::vector<float>& buffer) const {
+    if (row_contiguous) return data;
+    size_t size = 1;
+    for (auto n : shape) size *= n;
+    buffer.resize(size);
+    std::vector<int> index(shape.size(), 0);
+    for (size_t i = 0; i < size; i++) {
+      int64_t offset = 0;
+      for (size_t d = 0; d < shape.size(); d++) offset += index[d] * strides[d];
+      buffer[i] = data[offset];
+      for (int d = static_cast<int>(shape.size()) - 1; d >= 0 && ++index[d] == shape[d]; d--)
+        index[d] = 0;
+    }
+    return buffer.data();
+  }
+};
+
 // ------------------------------------------------------------------------------- few_row_product
 
 // y[r * n + j] = x[r] . W[j] for rows r < M (1 or 2) and weight rows j in [j0, j1).
@@ -137,15 +165,17 @@ class FewRowProduct : public mx::UnaryPrimitive {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& x = inputs[0];
     const auto& w = inputs[1];
-    if (!x.flags().row_contiguous || !w.flags().row_contiguous)
-      throw std::runtime_error("few_row_product: x and W must be row-contiguous");
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
     encoder.set_input_array(x);
     encoder.set_input_array(w);
     encoder.set_output_array(out);
     int k = x.shape(-1), rows = x.size() / k, n = w.shape(0);
-    encoder.dispatch([x = x.data<float>(), w = w.data<float>(), y = out.data<float>(), rows, n, k] {
+    encoder.dispatch([x_data = x.data<float>(), x_layout = Layout(x), w_data = w.data<float>(),
+                      w_layout = Layout(w), y = out.data<float>(), rows, n, k] {
+      std::vector<float> x_buffer, w_buffer;  // copies of strided views (a weight never is one)
+      const float* x = x_layout.row_major(x_data, x_buffer);
+      const float* w = w_layout.row_major(w_data, w_buffer);
       in_two(n, 4, static_cast<long>(n) * k >= (1 << 16), [=](int j0, int j1) {
         if (rows == 1) few_rows<1>(x, w, y, n, k, j0, j1);
         else few_rows<2>(x, w, y, n, k, j0, j1);
@@ -169,8 +199,7 @@ mx::array few_row_product(const mx::array& x, const mx::array& w) {
   auto stream = mx::default_stream(mx::Device::cpu);
   auto shape = x.shape();
   shape.back() = w.shape(0);
-  return mx::array(shape, mx::float32, std::make_shared<FewRowProduct>(stream),
-                   {mx::contiguous(x, false, stream), w});
+  return mx::array(shape, mx::float32, std::make_shared<FewRowProduct>(stream), {x, w});
 }
 
 // ------------------------------------------------------------------------------ cached_attention
@@ -237,7 +266,7 @@ class CachedAttention : public mx::UnaryPrimitive {
     const auto& values = inputs[2];
     int batch = keys.shape(0), heads = keys.shape(1), length = keys.shape(2), d = keys.shape(3);
     const auto &ks = keys.strides(), &vs = values.strides();
-    if (!q.flags().row_contiguous || ks[3] != 1 || ks[2] != d || vs[3] != 1 || vs[2] != d)
+    if (ks[3] != 1 || ks[2] != d || vs[3] != 1 || vs[2] != d)
       throw std::runtime_error("cached_attention: each position's key and value must be contiguous");
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
@@ -245,9 +274,11 @@ class CachedAttention : public mx::UnaryPrimitive {
     encoder.set_input_array(keys);
     encoder.set_input_array(values);
     encoder.set_output_array(out);
-    encoder.dispatch([q = q.data<float>(), k = keys.data<float>(), v = values.data<float>(),
-                      o = out.data<float>(), heads, length, d, kb = ks[0], kh = ks[1], vb = vs[0],
-                      vh = vs[1], units = batch * heads] {
+    encoder.dispatch([data = q.data<float>(), layout = Layout(q), k = keys.data<float>(),
+                      v = values.data<float>(), o = out.data<float>(), heads, length, d, kb = ks[0],
+                      kh = ks[1], vb = vs[0], vh = vs[1], units = batch * heads] {
+      std::vector<float> buffer;
+      const float* q = layout.row_major(data, buffer);
       in_two(units, 1, static_cast<long>(units) * length >= 4096, [=](int u0, int u1) {
         std::vector<float> scores(length + LANES);
         for (int u = u0; u < u1; u++) {
@@ -276,7 +307,64 @@ mx::array cached_attention(const mx::array& q, const mx::array& keys, const mx::
     throw std::invalid_argument("cached_attention: head_dim <= 256 and at least one position");
   auto stream = mx::default_stream(mx::Device::cpu);
   return mx::array(q.shape(), mx::float32, std::make_shared<CachedAttention>(stream),
-                   {mx::contiguous(q, false, stream), keys, values});
+                   {q, keys, values});
+}
+
+// ------------------------------------------------------------------------------------ layer_norm
+
+// (x - mean) / sqrt(var + eps) * weight + bias over the last axis, one row at a time (MLX's CPU
+// backend runs mx.fast.layer_norm as five operations).
+class LayerNorm : public mx::UnaryPrimitive {
+ public:
+  LayerNorm(mx::Stream stream, float eps) : mx::UnaryPrimitive(stream), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& x = inputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    int d = x.shape(-1), rows = x.size() / d;
+    encoder.dispatch([x_data = x.data<float>(), x_layout = Layout(x), w_data = inputs[1].data<float>(),
+                      w_layout = Layout(inputs[1]), b_data = inputs[2].data<float>(),
+                      b_layout = Layout(inputs[2]), y = out.data<float>(), rows, d, eps = eps_] {
+      std::vector<float> x_buffer, w_buffer, b_buffer;
+      const float* x = x_layout.row_major(x_data, x_buffer);
+      const float* w = w_layout.row_major(w_data, w_buffer);
+      const float* b = b_layout.row_major(b_data, b_buffer);
+      for (int r = 0; r < rows; r++) {
+        const float* row = x + static_cast<size_t>(r) * d;
+        float* o = y + static_cast<size_t>(r) * d;
+        float sum = 0, squares = 0;
+        for (int c = 0; c < d; c++) sum += row[c];
+        const float mean = sum / d;
+        for (int c = 0; c < d; c++) squares += (row[c] - mean) * (row[c] - mean);
+        const float scale = 1.f / std::sqrt(squares / d + eps);
+        for (int c = 0; c < d; c++) o[c] = (row[c] - mean) * scale * w[c] + b[c];
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("layer_norm runs on the CPU only");
+  }
+
+  const char* name() const override { return "LayerNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const LayerNorm&>(other).eps_;
+  }
+
+ private:
+  float eps_;
+};
+
+mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias, float eps) {
+  if (x.dtype() != mx::float32 || weight.dtype() != mx::float32 || bias.dtype() != mx::float32 ||
+      x.ndim() < 1 || weight.shape() != mx::Shape{x.shape(-1)} || bias.shape() != weight.shape())
+    throw std::invalid_argument("layer_norm: float32 x (..., d), weight (d,) and bias (d,)");
+  auto stream = mx::default_stream(mx::Device::cpu);
+  return mx::array(x.shape(), mx::float32, std::make_shared<LayerNorm>(stream, eps),
+                   {x, weight, bias});
 }
 
 }  // namespace
@@ -286,4 +374,6 @@ NB_MODULE(_cpu_kernels, m) {
         "x (..., k) @ W^T for float32 W (n, k) and one or two rows of x.");
   m.def("cached_attention", &cached_attention, nb::arg("q"), nb::arg("keys"), nb::arg("values"),
         "softmax(q K^T) V for float32 q (batch, heads, 1, d) over keys/values (batch, heads, length, d).");
+  m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"),
+        "Layer norm of float32 x (..., d) over its last axis.");
 }
