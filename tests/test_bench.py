@@ -155,7 +155,7 @@ def test_bench_end_to_end_on_tiny_shape(tiny_checkpoint, capsys):
     ours = report["ours"]
     assert report["steps"] == [steps, short] and "transformers" not in report
     assert ours["backend"] in ("CPU", "Metal", "CUDA") and ours["dtype"] == "float32"
-    assert ours["cpu_kernels"] is (ours["backend"] == "CPU" and cpu_kernels.wanted())
+    assert ours["cpu_kernels"] is (ours["backend"] == "CPU" and cpu_kernels.enabled())
     assert [r["steps"] for r in ours["runs"]] == [steps, short]
     assert [r["samples"] for r in ours["runs"]] == [(steps - 3) * 640, (short - 3) * 640]
     for run in ours["runs"]:

@@ -40,11 +40,17 @@ inline __m512 load_part(const float* p, int count) {
 }
 
 // A second thread that takes one half of a job: it spins ~10 us for the next one, then sleeps.
+// One job at a time: a caller that finds it busy (kernels on two MLX streams at once) runs both halves.
 class Helper {
  public:
   Helper() : thread_([this] { loop(); }) { thread_.detach(); }
 
   void run(std::function<void()> theirs, const std::function<void()>& mine) {
+    if (busy_.exchange(true, std::memory_order_acquire)) {
+      mine();
+      theirs();
+      return;
+    }
     job_ = std::move(theirs);
     int generation = generation_.fetch_add(1, std::memory_order_release) + 1;
     generation_.notify_one();
@@ -52,6 +58,7 @@ class Helper {
     for (int spins = 0; done_.load(std::memory_order_acquire) != generation; spins++)
       if (spins > FINISH_SPINS) std::this_thread::yield();  // the helper may need this core
       else _mm_pause();
+    busy_.store(false, std::memory_order_release);
   }
 
  private:
@@ -69,6 +76,7 @@ class Helper {
     }
   }
 
+  std::atomic<bool> busy_{false};
   std::atomic<int> generation_{0}, done_{0};
   std::function<void()> job_;
   std::thread thread_;
