@@ -148,7 +148,7 @@ def _import(path: Path) -> ModuleType:
 
 
 def _check(module: ModuleType) -> None:
-    """Both kernels against MLX on small inputs: an ABI mismatch shows up here, not mid-generation."""
+    """The kernels against MLX on small inputs: an ABI mismatch shows up here, not mid-generation."""
     with mx.stream(mx.cpu):
         key = mx.random.key(0)
         x, w = mx.random.normal((2, 40), key=key), mx.random.normal((37, 40), key=key)

@@ -361,8 +361,8 @@ class TokenStep:
     generation (see `fold_cross_attention`), so a step reads two small per-row matrices instead
     of two width x width weights.
 
-    On an x86-64 CPU with AVX-512 (float32, <= 2 rows), the products and the self-attention run on
-    the fused CPU kernels (`kernels`, see musicgen.cpu_kernels): at ~100 / ~750 / ~1450 positions
+    On an x86-64 CPU with AVX-512 (float32, <= 2 rows), the products, the self-attention and the
+    layer norms run on the fused CPU kernels (`kernels`, see musicgen.cpu_kernels): at ~100 / ~750 / ~1450 positions
     43.5-45.1 / 48.4-48.8 / 54.8-56.8 ms against 44.0-48.1 / 52.0-55.1 / 63.3-63.9 ms without
     (musicgen-small shape, back to back). Without them, with OpenBLAS's AVX-512 kernels, each
     product runs in small-matrix pieces, every other one on a second stream (`split_products`; see
@@ -392,11 +392,9 @@ class TokenStep:
         rows = cache[0].keys.shape[0]
         on_cpu = mx.default_device() == mx.cpu
         fits_kernels = on_cpu and rows <= 2 and decoder.dtype == mx.float32 and quant is None
-        if kernels is None:
-            kernels = fits_kernels and cpu_kernels.enabled()
-        elif kernels and not (fits_kernels and cpu_kernels.enabled()):
+        self.kernels = cpu_kernels.load() if fits_kernels and kernels is not False else None
+        if kernels and self.kernels is None:
             raise ValueError("the CPU kernels need a float32, unquantized CPU step of <= 2 rows")
-        self.kernels = cpu_kernels.load() if kernels else None
         if self.kernels is not None:
             weight_first, small_product, split_products = False, 0, False
         if weight_first is None:
@@ -668,7 +666,8 @@ class MusicgenDecoder(nn.Module):
 
         `weight_first`, `small_product` (0: off) and `split_products` (the pieces over two CPU
         streams) pick the products' form; None: the BLAS's best. `kernels`: the fused CPU kernels
-        (`musicgen.cpu_kernels`) for the products and the self-attention; None: where they run."""
+        (`musicgen.cpu_kernels`) for the products, the self-attention and the layer norms; None: where
+        they run."""
         return TokenStep(
             self, cross, cache, fold_cross, weight_first, small_product, split_products, kernels
         )
