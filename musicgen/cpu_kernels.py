@@ -9,7 +9,7 @@ operation instead of five (see docs/benchmarks.md).
 The extension is compiled once with the system C++ compiler (`$CXX`, else g++: MLX's CPU backend
 compiles its fused kernels with it too) against the installed MLX and nanobind (the version MLX was
 built with), into the conversion cache (`$MUSICGEN_MLX_CACHE/kernels`), and checked against MLX
-before use. Anything missing or failing means MLX's own operations, with one warning.
+before use. Anything missing or failing means MLX's own operations, with one logged warning.
 
 MUSICGEN_MLX_KERNELS=0 turns the kernels off.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import platform
 import shutil
@@ -26,7 +27,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -34,6 +34,7 @@ import mlx.core as mx
 
 from musicgen import _blas
 
+logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 OFF_SETTINGS = ("0", "off", "false", "no")
 
@@ -54,9 +55,7 @@ def load() -> ModuleType | None:
         module = _import(_build())
         _check(module)
     except Exception as e:  # no compiler, no nanobind, an MLX it does not match: MLX's own ops
-        warnings.warn(
-            f"musicgen CPU kernels unavailable ({e}); using MLX's operations", stacklevel=2
-        )
+        logger.warning("musicgen CPU kernels unavailable (%s); using MLX's operations", e)
         return None
     return module
 
