@@ -71,8 +71,18 @@ def _nanobind():
     return nanobind
 
 
+def _cpu_id() -> str:
+    """The CPU's model and feature flags: the library is built with -march=native, so a cache shared
+    between machines (a network home) must not hand one CPU's build to another."""
+    lines = _blas._cpuinfo().splitlines()
+    return "|".join(
+        next((x for x in lines if x.startswith(k)), "") for k in ("model name", "flags")
+    )
+
+
 def _library_path() -> Path:
-    """Where the compiled module lives: named by the source, MLX, nanobind, Python and compiler."""
+    """Where the compiled module lives: named by the source, MLX, nanobind, Python, the compiler and
+    the CPU."""
     from musicgen.weights import cache_root
 
     nanobind = _nanobind()
@@ -84,6 +94,7 @@ def _library_path() -> Path:
             sys.version,
             _compiler(),
             platform.machine(),
+            _cpu_id(),
         ]
     )
     tag = hashlib.sha256(key.encode()).hexdigest()[:16]

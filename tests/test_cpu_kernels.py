@@ -107,7 +107,7 @@ def test_cached_attention_rejects_what_it_does_not_run(kernels):
 
 
 def test_the_kernels_build_into_the_cache_once(kernels, monkeypatch):
-    """Into an empty cache: one library named by its source and toolchain, written whole (no
+    """Into an empty cache: one library named by its source, toolchain and CPU, written whole (no
     temporary left), and not built again; MUSICGEN_MLX_KERNELS=0 keeps MLX's operations."""
     path = cpu_kernels._library_path()
     assert not path.exists()  # this test's fresh cache
