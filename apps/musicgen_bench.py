@@ -239,6 +239,8 @@ def worker_generate(args: dict) -> dict:
         args["model"], dtype=dtype, quantize=args["quantize"], progress=False
     )
     load = time.perf_counter() - t
+    if args.get("kv_dtype"):
+        model.decoder.kv_dtype = getattr(mx, args["kv_dtype"])
     t5 = []
     for _ in range(5):
         t = time.perf_counter()
@@ -287,6 +289,7 @@ def worker_generate(args: dict) -> dict:
         "cpu_kernels": guided_step(model, args["prompt"], 8).kernels is not None,
         "blas_env": blas_env(),
         "dtype": str(model.decoder.dtype).removeprefix("mlx.core."),
+        "kv_dtype": str(model.decoder.kv_dtype or model.decoder.dtype).removeprefix("mlx.core."),
         "quantize": args["quantize"],
         "load_s": load,
         "t5_s": median(t5),
@@ -459,6 +462,7 @@ def print_table(report: dict) -> None:
     print(
         f"backend {ours['backend']}, BLAS {ours['blas']}, dtype {ours['dtype']}"
         + (", fused CPU kernels" if ours.get("cpu_kernels") else "")
+        + (f", {ours['kv_dtype']} K/V cache" if ours.get("kv_dtype") != ours["dtype"] else "")
         + (f", {ours['quantize']}-bit decoder linears" if ours["quantize"] else "")
         + f", mlx {ours['versions']['mlx']}, batch 1, CFG 3, top-k 250, repeats {report['repeats']}"
     )
@@ -530,6 +534,7 @@ def run(args: argparse.Namespace) -> dict:
     common = {
         "model": model,
         "dtype": args.dtype,
+        "kv_dtype": args.kv_dtype,
         "quantize": args.quantize,
         "prompt": args.prompt,
         "seed": args.seed,
@@ -614,6 +619,11 @@ def main(argv: list[str] | None = None) -> None:
         "--short-steps", type=int, default=503, help="a second end-to-end run (503 = 10 s; 0: none)"
     )
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="decoder dtype")
+    parser.add_argument(
+        "--kv-dtype",
+        choices=["float32", "float16"],
+        help="the self-attention K/V cache's dtype (default: the decoder's)",
+    )
     parser.add_argument(
         "--quantize", type=int, choices=[4, 8], help="quantize the decoder's linears"
     )

@@ -174,6 +174,12 @@ def generate_parser() -> Parser:
         metavar="{8,4}",
         help="quantize the decoder's linear layers to 8 or 4 bits",
     )
+    g.add_argument(
+        "--kv-dtype",
+        choices=("auto", "float32", "float16"),
+        default="auto",
+        help="the self-attention K/V cache's dtype (auto: the decoder's); float16 halves it",
+    )
     g = p.add_argument_group("generation")
     g.add_argument(
         "--max-steps",
@@ -772,6 +778,7 @@ def load_model(args):
             dtype=dtype_arg(args.dtype),
             revision=args.revision,
             quantize=args.quantize,
+            kv_dtype=dtype_arg(getattr(args, "kv_dtype", "auto")),
             progress=not args.quiet,
         )
     except WeightsError as e:
@@ -925,6 +932,7 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
         "source": model_source(model),
         "dtype": dtype_name(args.dtype),
         "quantize": args.quantize,
+        "kv_dtype": str(model.decoder.kv_dtype or model.decoder.dtype).rsplit(".", 1)[-1],
         **params,
         "batch_size": len(prompts),
         "frames": frames,

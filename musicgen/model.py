@@ -391,7 +391,13 @@ class TokenStep:
         )
         rows = cache[0].keys.shape[0]
         on_cpu = mx.default_device() == mx.cpu
-        fits_kernels = on_cpu and rows <= 2 and decoder.dtype == mx.float32 and quant is None
+        fits_kernels = (
+            on_cpu
+            and rows <= 2
+            and decoder.dtype == mx.float32
+            and cache[0].keys.dtype in (mx.float32, mx.float16)
+            and quant is None
+        )
         self.kernels = cpu_kernels.load() if fits_kernels and kernels is not False else None
         if kernels and self.kernels is None:
             raise ValueError("the CPU kernels need a float32, unquantized CPU step of <= 2 rows")
@@ -490,7 +496,6 @@ class TokenStep:
             else:
                 self.cross.append((k, v, mask))
         self.cache = cache
-        self.itemsize = decoder.dtype.size
         self._cpu_mkl = _blas.kind == "mkl" and mx.default_device() == mx.cpu
 
     def _step_parameters(self, layer: DecoderLayer) -> dict:
@@ -515,7 +520,8 @@ class TokenStep:
         keys/values of positions 0..offset (the token embeddings, 1 row per codebook, are left out)."""
         weights = _nbytes([self.layers, self.norm, self.lm_heads, self.cross])
         rows, heads, _, head_dim = self.cache[0].keys.shape
-        kv = 2 * len(self.cache) * rows * heads * head_dim * self.itemsize * (offset + 1)
+        kv = 2 * len(self.cache) * rows * heads * head_dim * self.cache[0].keys.itemsize
+        kv *= offset + 1
         return {"weights": weights, "kv": kv, "total": weights + kv}
 
     def _self_attention(self, q: mx.array, keys: mx.array, values: mx.array) -> mx.array:
@@ -618,6 +624,9 @@ class MusicgenDecoder(nn.Module):
         self._positions = sinusoidal_positions(config.max_position_embeddings, dims)
         self.quant_bits: int | None = None  # set by quantize_decoder
         self.quant_group_size: int | None = None
+        #: the self-attention K/V cache's dtype (None: the decoder's); float16 halves what a long
+        #: generation reads per step and holds, at a small cost in precision (docs/benchmarks.md)
+        self.kv_dtype: mx.Dtype | None = None
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -644,12 +653,12 @@ class MusicgenDecoder(nn.Module):
         return CrossState(kv, mask, has_text)
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
-        """Fresh per-layer caches for `max_len` positions."""
+        """Fresh per-layer caches for `max_len` positions, in `kv_dtype` (None: the decoder's dtype)."""
         c = self.config
         head_dim = c.hidden_size // c.num_attention_heads
+        dtype = self.kv_dtype or self.dtype
         return [
-            KVCache(batch, c.num_attention_heads, max_len, head_dim, self.dtype)
-            for _ in self.layers
+            KVCache(batch, c.num_attention_heads, max_len, head_dim, dtype) for _ in self.layers
         ]
 
     def token_step(

@@ -78,12 +78,15 @@ class MusicGen:
         dtype: mx.Dtype | None = None,
         revision: str | None = None,
         quantize: int | None = None,
+        kv_dtype: mx.Dtype | None = None,
         progress: bool = True,
     ) -> MusicGen:
         """Load a MusicGen checkpoint (hub repo id or local folder).
 
         `dtype` is the decoder's (None: float16 on GPU, float32 on CPU); T5 and EnCodec stay float32.
-        `quantize` (4 or 8) quantizes the decoder's linear layers to that many bits.
+        `quantize` (4 or 8) quantizes the decoder's linear layers to that many bits. `kv_dtype`: the
+        generation's self-attention K/V cache (None: the decoder's dtype); mx.float16 with a float32
+        decoder halves the cache (and what late steps read) at a small cost in precision.
         """
         dtype = default_dtype() if dtype is None else dtype
         config, weights = load_converted(
@@ -110,6 +113,7 @@ class MusicGen:
         if quantize is not None:
             quantize_decoder(decoder, quantize, only=weights["decoder"])
         decoder.load_weights(list(weights["decoder"].items()), strict=True)
+        decoder.kv_dtype = kv_dtype
         mx.eval(text_encoder.parameters(), audio_encoder.parameters(), decoder.parameters())
         return cls(
             config, tokenizer, text_encoder, decoder, audio_encoder, read_generation_config(folder)

@@ -64,16 +64,18 @@ def test_few_row_product_rejects_what_it_does_not_run(kernels):
 # (batch, heads, length, head_dim): one position; a length past a vector's 16 (masked tail);
 # head_dim 8 (the tiny fixture), 64 (MusicGen) and 72 (a masked tail); the long cache, split over
 # the helper thread
+@pytest.mark.parametrize("kv_dtype", [mx.float32, mx.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize(
     "shape", [(2, 2, 1, 8), (2, 2, 19, 8), (1, 3, 50, 72), (2, 16, 100, 64), (2, 16, 1450, 64)]
 )
-def test_cached_attention_is_softmax_attention(kernels, shape):
-    """Over the filled part of a preallocated cache (a strided view, as the step passes it)."""
+def test_cached_attention_is_softmax_attention(kernels, shape, kv_dtype):
+    """Over the filled part of a preallocated cache (a strided view, as the step passes it), in
+    float32 or float16 (against float64 of the same float16 values)."""
     batch, heads, length, head_dim = shape
     kq, kk, kv = mx.random.split(mx.random.key(length), 3)
     cache = (batch, heads, length + 7, head_dim)
-    keys = mx.random.normal(cache, key=kk)[:, :, :length]
-    values = mx.random.normal(cache, key=kv)[:, :, :length]
+    keys = mx.random.normal(cache, key=kk).astype(kv_dtype)[:, :, :length]
+    values = mx.random.normal(cache, key=kv).astype(kv_dtype)[:, :, :length]
     q = mx.random.normal((batch, heads, 1, head_dim), key=kq) * head_dim**-0.5
     if heads > 1:  # a query with its heads strided, as a (batch, 1, heads, d) state transposed
         q = mx.random.normal((batch, 1, heads, head_dim), key=kq).swapaxes(1, 2) * head_dim**-0.5
@@ -83,7 +85,9 @@ def test_cached_attention_is_softmax_attention(kernels, shape):
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     expected = (weights / weights.sum(-1, keepdims=True)) @ np.array(values, np.float64)
     assert rel_err(out, expected) <= 1e-5
-    assert rel_err(out, single_query_attention(q, keys, values)) <= 1e-5
+    # MLX's own path multiplies float16 values by float16 weights: within float16's rounding
+    mlx_tolerance = 1e-5 if kv_dtype == mx.float32 else 2e-3
+    assert rel_err(out, single_query_attention(q, keys, values)) <= mlx_tolerance
 
 
 def test_cached_attention_of_large_scores(kernels):
@@ -100,6 +104,10 @@ def test_cached_attention_rejects_what_it_does_not_run(kernels):
     kv = mx.zeros((1, 2, 5, 16))
     with pytest.raises(ValueError, match="float32"):
         kernels.cached_attention(mx.zeros((1, 2, 1, 16)), kv.astype(mx.float16), kv)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.cached_attention(
+            *[mx.zeros((1, 2, 1, 16))] * 1, kv.astype(mx.bfloat16), kv.astype(mx.bfloat16)
+        )
     with pytest.raises(ValueError, match="float32"):
         kernels.cached_attention(mx.zeros((1, 2, 2, 16)), kv, kv)  # two queries
     with pytest.raises(ValueError, match="head_dim <= 256"):

@@ -140,6 +140,29 @@ def test_token_step_with_cpu_kernels_matches_full_forward(mono, teacher_forced, 
         mono.token_step(cross, mono.make_cache(4, 1), kernels=True)
 
 
+def test_token_step_over_a_float16_cache(mono, teacher_forced):
+    """kv_dtype float16: the cache and the K/V bytes a step reads halve; the step's logits stay
+    within float16's rounding of the float32 forward, on the kernels and on MLX's operations."""
+    d = teacher_forced
+    states, mask = text_states([0, 1], d["attention_mask"])
+    cross = mono.cross_states(*with_unconditional_rows(states[:1], mask[:1]))
+    tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)[:1]
+    tokens = mx.concatenate([tokens, tokens])
+    full = np.array(mono(tokens, cross))
+    single = mono.token_step(cross, mono.make_cache(2, 11)).bytes_per_step(7)
+    mono.kv_dtype = mx.float16
+    try:
+        half = mono.token_step(cross, mono.make_cache(2, 11)).bytes_per_step(7)
+        assert half["weights"] == single["weights"] and 2 * half["kv"] == single["kv"]
+        forms = [(None, None, None, False)]
+        if cpu_kernels.enabled():
+            forms.append((None, None, None, True))
+        for form in forms:
+            assert rel_err(token_step_logits(mono, tokens, cross, None, *form), full) <= 1e-3
+    finally:
+        mono.kv_dtype = None
+
+
 def test_token_step_cuts_its_pieces_once(mono, teacher_forced):
     """With pieces, the step holds each linear weight as its row pieces, cut when it is built: views
     of the weight (the same bytes), the layer norms as they are; `linear` runs the pieces, and the

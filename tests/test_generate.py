@@ -252,3 +252,21 @@ def test_step_limits(mono):
         generate_tokens(mono, states, mask, 3, progress=False)
     with pytest.raises(ValueError):
         generate_tokens(mono, states, mask, mono.config.max_position_embeddings + 1, progress=False)
+
+
+def test_a_float16_kv_cache_keeps_the_greedy_tokens(mono, expected):
+    """The K/V cache in float16 (kv_dtype): half its bytes, and with the fixtures' wide margins the
+    same greedy tokens as transformers' float32, through the CPU kernels (2 rows: CFG of one prompt)
+    and through MLX's operations (a batch of 2 with CFG: 4 rows)."""
+    mono.kv_dtype = mx.float16
+    try:
+        cache = mono.make_cache(2, 8)
+        assert cache[0].keys.dtype == mx.float16 and cache[0].values.dtype == mx.float16
+        tokens = generate_tokens(mono, *alone(1), 253, top_k=1, guidance_coef=3.0, progress=False)
+        assert (np.array(tokens) == expected["long_tokens"]).all()
+        states, mask = text_states([0, 1], expected["batch_attention_mask"])
+        tokens = generate_tokens(mono, states, mask, 40, top_k=1, guidance_coef=3.0, progress=False)
+        assert (np.array(tokens) == expected["batch_tokens"]).all()
+    finally:
+        mono.kv_dtype = None
+    assert mono.make_cache(2, 8)[0].keys.dtype == mx.float32

@@ -5,7 +5,8 @@
 //   for a 2-row product (sgemm) or runs its small-matrix path on one thread.
 // - cached_attention(q, keys, values): softmax(q K^T) V for one query per head over a key/value
 //   cache whose positions are rows of head_dim floats: scores, softmax and the weighted sum in one
-//   pass per head, where MLX runs about eight operations a layer.
+//   pass per head, where MLX runs about eight operations a layer. The cache may be float16 (read
+//   as such, widened in registers: half the bytes of a long cache).
 // - layer_norm(x, weight, bias, eps): one operation, where MLX's CPU backend runs five.
 //
 // Both split their work with a helper thread that spins briefly between jobs: two cores on one
@@ -37,6 +38,12 @@ constexpr int LANES = 16;
 // The first `count` floats at p (count <= 16), zeros past them.
 inline __m512 load_part(const float* p, int count) {
   return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), p);
+}
+
+// The same from float16 (a half-precision K/V cache), widened to float32 in registers.
+inline __m512 load_part(const mx::float16_t* p, int count) {
+  auto mask = static_cast<__mmask16>((1u << count) - 1);
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
 }
 
 // A second thread that takes one half of a job: it spins ~10 us for the next one, then sleeps.
@@ -228,14 +235,15 @@ inline __m512 exp_nonpositive(__m512 x) {
 constexpr int MAX_HEAD_DIM = 256;
 
 // One head: out = softmax(q K^T) V over `length` positions (rows of d floats), s: scratch.
-void attend_head(const float* q, const float* keys, const float* values, float* out, int length,
-                 int d, float* s) {
+template <class T>
+void attend_head(const float* q, const T* keys, const T* values, float* out, int length, int d,
+                 float* s) {
   const int blocks = (d + LANES - 1) / LANES, tail = d - (blocks - 1) * LANES;
   __m512 query[MAX_HEAD_DIM / LANES];
   for (int c = 0; c < blocks; c++) query[c] = load_part(q + c * LANES, c + 1 < blocks ? LANES : tail);
   float top = -INFINITY;
   for (int l = 0; l < length; l++) {
-    const float* key = keys + static_cast<size_t>(l) * d;
+    const T* key = keys + static_cast<size_t>(l) * d;
     __m512 a = _mm512_setzero_ps();
     for (int c = 0; c < blocks; c++)
       a = _mm512_fmadd_ps(query[c], load_part(key + c * LANES, c + 1 < blocks ? LANES : tail), a);
@@ -253,7 +261,7 @@ void attend_head(const float* q, const float* keys, const float* values, float* 
   for (int c = 0; c < blocks; c++) acc[c] = _mm512_setzero_ps();
   for (int l = 0; l < length; l++) {
     __m512 weight = _mm512_set1_ps(s[l]);
-    const float* value = values + static_cast<size_t>(l) * d;
+    const T* value = values + static_cast<size_t>(l) * d;
     for (int c = 0; c < blocks; c++)
       acc[c] = _mm512_fmadd_ps(weight, load_part(value + c * LANES, c + 1 < blocks ? LANES : tail), acc[c]);
   }
@@ -282,8 +290,25 @@ class CachedAttention : public mx::UnaryPrimitive {
     encoder.set_input_array(keys);
     encoder.set_input_array(values);
     encoder.set_output_array(out);
-    encoder.dispatch([data = q.data<float>(), layout = Layout(q), k = keys.data<float>(),
-                      v = values.data<float>(), o = out.data<float>(), heads, length, d, kb = ks[0],
+    if (keys.dtype() == mx::float16)
+      run<mx::float16_t>(encoder, q, keys, values, out, batch, heads, length, d);
+    else
+      run<float>(encoder, q, keys, values, out, batch, heads, length, d);
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("cached_attention runs on the CPU only");
+  }
+
+  const char* name() const override { return "CachedAttention"; }
+
+ private:
+  template <class T>
+  static void run(mx::cpu::CommandEncoder& encoder, const mx::array& q, const mx::array& keys,
+                  const mx::array& values, mx::array& out, int batch, int heads, int length, int d) {
+    const auto &ks = keys.strides(), &vs = values.strides();
+    encoder.dispatch([data = q.data<float>(), layout = Layout(q), k = keys.data<T>(),
+                      v = values.data<T>(), o = out.data<float>(), heads, length, d, kb = ks[0],
                       kh = ks[1], vb = vs[0], vh = vs[1], units = batch * heads] {
       std::vector<float> buffer;
       const float* q = layout.row_major(data, buffer);
@@ -297,20 +322,17 @@ class CachedAttention : public mx::UnaryPrimitive {
       });
     });
   }
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("cached_attention runs on the CPU only");
-  }
-
-  const char* name() const override { return "CachedAttention"; }
 };
 
 mx::array cached_attention(const mx::array& q, const mx::array& keys, const mx::array& values) {
-  if (q.dtype() != mx::float32 || keys.dtype() != mx::float32 || values.dtype() != mx::float32 ||
-      keys.ndim() != 4 || keys.shape() != values.shape() || q.ndim() != 4 || q.shape(2) != 1 ||
-      q.shape(0) != keys.shape(0) || q.shape(1) != keys.shape(1) || q.shape(3) != keys.shape(3))
+  bool kv_dtype = keys.dtype() == values.dtype() &&
+                  (keys.dtype() == mx::float32 || keys.dtype() == mx::float16);
+  if (q.dtype() != mx::float32 || !kv_dtype || keys.ndim() != 4 || keys.shape() != values.shape() ||
+      q.ndim() != 4 || q.shape(2) != 1 || q.shape(0) != keys.shape(0) ||
+      q.shape(1) != keys.shape(1) || q.shape(3) != keys.shape(3))
     throw std::invalid_argument(
-        "cached_attention: float32 q (batch, heads, 1, d) and keys/values (batch, heads, length, d)");
+        "cached_attention: float32 q (batch, heads, 1, d) and float32 or float16 keys/values "
+        "(batch, heads, length, d)");
   if (keys.shape(3) > MAX_HEAD_DIM || keys.shape(2) < 1)
     throw std::invalid_argument("cached_attention: head_dim <= 256 and at least one position");
   auto stream = mx::default_stream(mx::Device::cpu);
@@ -381,7 +403,8 @@ NB_MODULE(_cpu_kernels, m) {
   m.def("few_row_product", &few_row_product, nb::arg("x"), nb::arg("w"),
         "x (..., k) @ W^T for float32 W (n, k) and one or two rows of x.");
   m.def("cached_attention", &cached_attention, nb::arg("q"), nb::arg("keys"), nb::arg("values"),
-        "softmax(q K^T) V for float32 q (batch, heads, 1, d) over keys/values (batch, heads, length, d).");
+        "softmax(q K^T) V for float32 q (batch, heads, 1, d) over float32 or float16 keys/values "
+        "(batch, heads, length, d).");
   m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"),
         "Layer norm of float32 x (..., d) over its last axis.");
 }
