@@ -129,9 +129,21 @@ def test_wav_format_length_and_metadata(cli):
         3.0,
     )
     assert meta["seed"] == 7 and meta["dtype"] == "float32" and meta["quantize"] is None
+    assert meta["kv_dtype"] == "float32"
     assert meta["sample_rate"] == 32000 and meta["channels"] == 1
     assert set(meta["timings_s"]) == {"load", "generate", "decode", "real_time_factor"}
     assert meta["package"] == "musicgen-mlx" and meta["version"]
+
+
+def test_kv_dtype_float16(cli):
+    """--kv-dtype float16: recorded in the sidecar; the fixture's greedy-margin audio is the same
+    length, and a dtype the cache does not take is a one-line usage error."""
+    args = ["--prompt", "lo-fi beat", "--model", TINY, "--max-steps", 30, "--seed", 3, "-q"]
+    assert_ok(cli(*args, "--kv-dtype", "float16", "--output", "half.wav"))
+    meta = json.loads((cli.work / "half.wav.json").read_text())
+    assert meta["kv_dtype"] == "float16" and meta["dtype"] == "float32" and meta["frames"] == 27
+    r = cli(*args, "--kv-dtype", "bfloat16")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--kv-dtype" in r.stderr
 
 
 def test_seed_reproducible(cli):
