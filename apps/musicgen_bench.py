@@ -289,7 +289,7 @@ def worker_generate(args: dict) -> dict:
         "cpu_kernels": guided_step(model, args["prompt"], 8).kernels is not None,
         "blas_env": blas_env(),
         "dtype": str(model.decoder.dtype).removeprefix("mlx.core."),
-        "kv_dtype": str(model.decoder.kv_dtype or model.decoder.dtype).removeprefix("mlx.core."),
+        "kv_dtype": str(model.decoder.cache_dtype).removeprefix("mlx.core."),
         "quantize": args["quantize"],
         "load_s": load,
         "t5_s": median(t5),

@@ -932,7 +932,7 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
         "source": model_source(model),
         "dtype": dtype_name(args.dtype),
         "quantize": args.quantize,
-        "kv_dtype": str(model.decoder.kv_dtype or model.decoder.dtype).rsplit(".", 1)[-1],
+        "kv_dtype": str(model.decoder.cache_dtype).rsplit(".", 1)[-1],
         **params,
         "batch_size": len(prompts),
         "frames": frames,

@@ -632,6 +632,11 @@ class MusicgenDecoder(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.layer_norm.weight.dtype
 
+    @property
+    def cache_dtype(self) -> mx.Dtype:
+        """The K/V cache's dtype: `kv_dtype`, else the decoder's."""
+        return self.kv_dtype or self.dtype
+
     def cross_states(
         self, encoder_states: mx.array, encoder_mask: mx.array | None = None
     ) -> CrossState:
@@ -656,9 +661,9 @@ class MusicgenDecoder(nn.Module):
         """Fresh per-layer caches for `max_len` positions, in `kv_dtype` (None: the decoder's dtype)."""
         c = self.config
         head_dim = c.hidden_size // c.num_attention_heads
-        dtype = self.kv_dtype or self.dtype
         return [
-            KVCache(batch, c.num_attention_heads, max_len, head_dim, dtype) for _ in self.layers
+            KVCache(batch, c.num_attention_heads, max_len, head_dim, self.cache_dtype)
+            for _ in self.layers
         ]
 
     def token_step(
