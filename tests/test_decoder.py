@@ -118,6 +118,15 @@ def test_token_step_matches_full_forward(mono, teacher_forced, fold, form):
     )
 
 
+def guided_prompt(decoder, d):
+    """The fixtures' first prompt as classifier-free guidance runs it: its text row and an
+    unconditional row (states, mask, cross state, the teacher-forced tokens of both rows)."""
+    states, mask = text_states([0, 1], d["attention_mask"])
+    cross = decoder.cross_states(*with_unconditional_rows(states[:1], mask[:1]))
+    tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)[:1]
+    return states, mask, cross, mx.concatenate([tokens, tokens])
+
+
 @FOLDS
 def test_token_step_with_cpu_kernels_matches_full_forward(mono, teacher_forced, fold):
     """The step on the fused CPU kernels (one text row and its unconditional row, as classifier-free
@@ -125,10 +134,7 @@ def test_token_step_with_cpu_kernels_matches_full_forward(mono, teacher_forced, 
     if not cpu_kernels.enabled():
         pytest.skip("the CPU kernels run on x86-64 Linux with AVX-512 only")
     d = teacher_forced
-    states, mask = text_states([0, 1], d["attention_mask"])
-    cross = mono.cross_states(*with_unconditional_rows(states[:1], mask[:1]))
-    tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)[:1]
-    tokens = mx.concatenate([tokens, tokens])
+    states, mask, cross, tokens = guided_prompt(mono, d)
     full = np.array(mono(tokens, cross))
     kernels = token_step_logits(mono, tokens, cross, fold, None, None, None, True)
     assert kernels.shape == full.shape and rel_err(kernels, full) <= 1e-5
@@ -144,10 +150,7 @@ def test_token_step_over_a_float16_cache(mono, teacher_forced):
     """kv_dtype float16: the cache and the K/V bytes a step reads halve; the step's logits stay
     within float16's rounding of the float32 forward, on the kernels and on MLX's operations."""
     d = teacher_forced
-    states, mask = text_states([0, 1], d["attention_mask"])
-    cross = mono.cross_states(*with_unconditional_rows(states[:1], mask[:1]))
-    tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)[:1]
-    tokens = mx.concatenate([tokens, tokens])
+    states, mask, cross, tokens = guided_prompt(mono, d)
     full = np.array(mono(tokens, cross))
     single = mono.token_step(cross, mono.make_cache(2, 11)).bytes_per_step(7)
     mono.kv_dtype = mx.float16
@@ -168,10 +171,7 @@ def test_token_step_cuts_its_pieces_once(mono, teacher_forced):
     of the weight (the same bytes), the layer norms as they are; `linear` runs the pieces, and the
     logits are those of the whole products."""
     d = teacher_forced
-    states, mask = text_states([0, 1], d["attention_mask"])
-    cross = mono.cross_states(*with_unconditional_rows(states[:1], mask[:1]))
-    tokens = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)[:1]
-    tokens = mx.concatenate([tokens, tokens])
+    states, mask, cross, tokens = guided_prompt(mono, d)
     # the tiny decoder's 16-wide weights in pieces of 10 rows, its 32-wide ones in pieces of 5
     limit = 4 * 5 * 16
     step = mono.token_step(cross, mono.make_cache(2, 4), None, False, limit, kernels=False)
