@@ -361,13 +361,14 @@ class TokenStep:
     generation (see `fold_cross_attention`), so a step reads two small per-row matrices instead
     of two width x width weights.
 
-    On an x86-64 CPU with AVX-512 (float32, <= 2 rows), the products, the self-attention and the
-    layer norms run on the fused CPU kernels (`kernels`, see musicgen.cpu_kernels): at ~100 / ~750 / ~1450 positions
-    43.5-45.1 / 48.4-48.8 / 54.8-56.8 ms against 44.0-48.1 / 52.0-55.1 / 63.3-63.9 ms without
-    (musicgen-small shape, back to back). Without them, with OpenBLAS's AVX-512 kernels, each
-    product runs in small-matrix pieces, every other one on a second stream (`split_products`; see
-    `linear`): 53.7-53.8 / 61.4-61.6 / 71.8-77.6 ms on one stream, 45.7-46.2 / 52.6-53.9 /
-    62.6-65.0 ms on two.
+    On an x86-64 CPU with AVX-512 (float32, <= 2 rows, GELU), each layer runs as two fused CPU
+    kernels around its cache write (`kernels`, see musicgen.cpu_kernels and `_fused_layers`), and
+    the LM heads and final layer norm on the kernels' products: at ~100 / ~750 / ~1450 positions
+    36.6-36.9 / 42.4-42.6 / 49.3-50.2 ms against 41.1-44.9 / 50.5-52.2 / 58.6-60.5 ms on MLX's
+    operations (musicgen-small shape, back to back, 3 rounds). On MLX's operations with OpenBLAS's
+    AVX-512 kernels, each product runs in small-matrix pieces, every other one on a second stream
+    (`split_products`; see `linear`); with one stream the step took 53.7-53.8 / 61.4-61.6 /
+    71.8-77.6 ms against 45.7-46.2 / 52.6-53.9 / 62.6-65.0 ms on two (an earlier run).
     """
 
     def __init__(
@@ -394,13 +395,16 @@ class TokenStep:
         fits_kernels = (
             on_cpu
             and rows <= 2
+            and c.activation_function == "gelu"
             and decoder.dtype == mx.float32
             and cache[0].keys.dtype in (mx.float32, mx.float16)
             and quant is None
         )
         self.kernels = cpu_kernels.load() if fits_kernels and kernels is not False else None
         if kernels and self.kernels is None:
-            raise ValueError("the CPU kernels need a float32, unquantized CPU step of <= 2 rows")
+            raise ValueError(
+                "the CPU kernels need a float32, unquantized CPU step of <= 2 rows with GELU"
+            )
         if self.kernels is not None:
             weight_first, small_product, split_products = False, 0, False
         if weight_first is None:
@@ -497,6 +501,43 @@ class TokenStep:
                 self.cross.append((k, v, mask))
         self.cache = cache
         self._cpu_mkl = _blas.kind == "mkl" and mx.default_device() == mx.cpu
+        self.heads, self.scale = heads, scale
+        self.fused = None  # the layers' inputs to the fused kernels (see _fused_layers)
+        if self.kernels is not None:
+            self.fused = [
+                self._fused_parameters(*layer)
+                for layer in zip(self.layers, self.cross, cross.kv, strict=True)
+            ]
+            mx.eval(self.fused)
+
+    def _fused_parameters(self, p: dict, cross: tuple, text_kv: tuple[mx.array, mx.array]) -> tuple:
+        """A layer's inputs to the fused kernels: attention_inputs' parameters, layer_rest's weights
+        and its cross-attention inputs (none, folded, or the projections with the text's K/V)."""
+        a, e = p["self_attn"], p.get("encoder_attn")
+        norm = p["self_attn_layer_norm"]
+        inputs = (
+            norm["weight"],
+            norm["bias"],
+            *(a[n]["weight"] for n in ("q_proj", "k_proj", "v_proj")),
+        )
+        text_norm, ffn_norm = p["encoder_attn_layer_norm"], p["final_layer_norm"]
+        weights = [
+            a["out_proj"]["weight"],
+            text_norm["weight"],
+            text_norm["bias"],
+            ffn_norm["weight"],
+            ffn_norm["bias"],
+            p["fc1"]["weight"],
+            p["fc2"]["weight"],
+        ]
+        if not self.text_rows:
+            return inputs, weights, []
+        *folded, mask = cross
+        keep = mask.reshape(self.text_rows, -1).astype(mx.float32)
+        if self.fold_cross:
+            return inputs, weights, [*folded, keep]
+        k, v = (t[: self.text_rows] for t in text_kv)
+        return inputs, weights, [e["q_proj"]["weight"], e["out_proj"]["weight"], keep, k, v]
 
     def _step_parameters(self, layer: DecoderLayer) -> dict:
         """The parameters of `layer` a step reads (the text's keys/values are computed already)."""
@@ -509,11 +550,25 @@ class TokenStep:
     def __call__(self, tokens: mx.array, offset: int) -> mx.array:
         """Logits (rows, codebooks, vocab) in float32 for tokens (rows, codebooks) at position offset."""
         x = self._embed(self.tables, tokens, self.positions[offset])
+        if self.kernels is not None:
+            return self._logits(self.norm, self.lm_heads, self._fused_layers(x, offset))
         for p, cache, cross in zip(self.layers, self.cache, self.cross, strict=True):
             q, k, v = self._attention_in(p, x)
             keys, values = cache.update(k, v, offset)
             x = self._attention_out(p, x, self._self_attention(q, keys, values), *cross)
         return self._logits(self.norm, self.lm_heads, x)
+
+    def _fused_layers(self, x: mx.array, offset: int) -> mx.array:
+        """The layers on the fused kernels: two operations a layer around the cache write."""
+        kernels, heads, rows = self.kernels, self.heads, x.shape[0]
+        for (inputs, weights, cross), cache in zip(self.fused, self.cache, strict=True):
+            qkv = kernels.attention_inputs(x, *inputs, self.scale, 1e-5)
+            k, v = (qkv[i].reshape(rows, heads, 1, -1) for i in (1, 2))
+            keys, values = cache.update(k, v, offset)
+            x = kernels.layer_rest(
+                x, qkv, keys, values, weights, cross, heads, self.text_rows, self.scale, 1e-5
+            )
+        return x
 
     def bytes_per_step(self, offset: int) -> dict[str, int]:
         """Bytes a step at `offset` reads: the weights and text tensors it uses, and the self-attention
@@ -537,8 +592,6 @@ class TokenStep:
         synchronisation costs more than it saves (measured: 24 layers at 50 positions, 4.6 ms split
         vs 3.6 ms not; at 300, 13.8 vs 14.4 ms).
         """
-        if self.kernels is not None:
-            return self.kernels.cached_attention(q, keys, values)
         half = q.shape[0] // 2
         side = self._side
         if side is None:  # a GPU, or MKL
@@ -680,7 +733,7 @@ class MusicgenDecoder(nn.Module):
 
         `weight_first`, `small_product` (0: off) and `split_products` (the pieces over two CPU
         streams) pick the products' form; None: the BLAS's best. `kernels`: the fused CPU kernels
-        (`musicgen.cpu_kernels`) for the products, the self-attention and the layer norms; None: where
+        (`musicgen.cpu_kernels`) for the layers, the LM heads and the final layer norm; None: where
         they run."""
         return TokenStep(
             self, cross, cache, fold_cross, weight_first, small_product, split_products, kernels

@@ -5,15 +5,16 @@ import numpy as np
 import pytest
 
 from musicgen import cpu_kernels
-from musicgen.model import single_query_attention
+from musicgen.model import gelu, single_query_attention
 
 
 @pytest.fixture
 def kernels():
     """The compiled kernels (built on the first use, in the test's cache)."""
-    loaded = cpu_kernels.load()
-    if loaded is None:
+    if not cpu_kernels.wanted():
         pytest.skip("the CPU kernels run on x86-64 Linux with AVX-512 only")
+    loaded = cpu_kernels.load()
+    assert loaded is not None, "the kernels failed to build or their check against MLX"
     return loaded
 
 
@@ -61,57 +62,171 @@ def test_few_row_product_rejects_what_it_does_not_run(kernels):
         kernels.few_row_product(mx.zeros((2, 15)), w)
 
 
-# (batch, heads, length, head_dim): one position; a length past a vector's 16 (masked tail);
-# head_dim 8 (the tiny fixture), 64 (MusicGen) and 72 (a masked tail); the long cache, split over
-# the helper thread
+def test_attention_inputs_are_the_normed_projections(kernels):
+    """Layer norm then the scaled queries, the keys and the values, for 1 and 2 rows (a width not a
+    multiple of 16, and one large enough to split over the helper thread)."""
+    for rows, d in [(1, 40), (2, 40), (2, 1024)]:
+        keys = mx.random.split(mx.random.key(d + rows), 4)
+        x = mx.random.normal((rows, d), key=keys[0])
+        weight, bias = mx.random.normal((2, d), key=keys[1]) * 0.5 + 1.0
+        wq, wk, wv = mx.random.normal((3, d, d), key=keys[2]) * d**-0.5
+        qkv = kernels.attention_inputs(x, weight, bias, wq, wk, wv, 0.125, 1e-5)
+        h = mx.fast.layer_norm(x, weight, bias, 1e-5)
+        assert qkv.shape == (3, rows, d) and qkv.dtype == mx.float32
+        assert rel_err(qkv, mx.stack([h @ wq.T * 0.125, h @ wk.T, h @ wv.T])) <= 1e-5
+
+
+def layer_rest_reference(x, qkv, keys, values, weights, cross, heads, text_rows, scale):
+    """layer_rest as MLX's operations (the decoder step's form, see TokenStep)."""
+    out_proj, text_w, text_b, ffn_w, ffn_b, fc1, fc2 = weights
+    rows, d = x.shape
+    q = qkv[0].reshape(rows, heads, 1, -1)
+    y = x + single_query_attention(q, keys, values).reshape(rows, d) @ out_proj.T
+    if cross:
+        h = mx.fast.layer_norm(y[:text_rows], text_w, text_b, 1e-5)
+        keep = cross[2][:, None] > 0  # (text rows, 1, text length)
+        if len(cross) == 3:  # folded
+            to_scores, from_weights, _ = cross
+            scores = (to_scores @ h[:, :, None]).reshape(text_rows, heads, -1)
+            attn = mx.softmax(mx.where(keep, scores, -mx.inf), axis=-1)
+            text = (from_weights @ attn.reshape(text_rows, -1, 1)).reshape(text_rows, d)
+        else:
+            wq, wo, _, text_keys, text_values = cross
+            tq = (h @ wq.T * scale).reshape(text_rows, heads, 1, -1)
+            scores = tq @ text_keys.swapaxes(-1, -2)
+            attn = mx.softmax(mx.where(keep[:, None], scores, -mx.inf), axis=-1) @ text_values
+            text = attn.reshape(text_rows, d) @ wo.T
+        y = mx.concatenate([y[:text_rows] + text, y[text_rows:]])
+    h = mx.fast.layer_norm(y, ffn_w, ffn_b, 1e-5)
+    return y + gelu(h @ fc1.T) @ fc2.T
+
+
+def random_layer(rows, heads, head_dim, length, kv_dtype, text, text_rows, seed):
+    """layer_rest's inputs: a cache filled to `length` (a strided view of a longer buffer), the
+    layer's weights, and the cross-attention's (`text`: none, folded or projected) over a text of 5
+    positions whose last one the first row does not attend to."""
+    d, ffn, text_length = heads * head_dim, 3 * heads * head_dim, 5
+    k = iter(mx.random.split(mx.random.key(seed), 12))
+    x = mx.random.normal((rows, d), key=next(k))
+    qkv = mx.random.normal((3, rows, d), key=next(k)) * head_dim**-0.25
+    cache = (rows, heads, length + 7, head_dim)
+    keys = mx.random.normal(cache, key=next(k)).astype(kv_dtype)[:, :, :length]
+    values = mx.random.normal(cache, key=next(k)).astype(kv_dtype)[:, :, :length]
+    norms = list(mx.random.normal((4, d), key=next(k)) * 0.3 + 1.0)
+    weights = [
+        mx.random.normal((d, d), key=next(k)) * d**-0.5,
+        *norms,
+        mx.random.normal((ffn, d), key=next(k)) * d**-0.5,
+        mx.random.normal((d, ffn), key=next(k)) * ffn**-0.5,
+    ]
+    keep = mx.ones((text_rows, text_length)).at[0, -1].add(-1.0)
+    if text == "none":
+        return x, qkv, keys, values, weights, []
+    if text == "folded":
+        width = heads * text_length
+        to_scores = mx.random.normal((text_rows, width, d), key=next(k)) * d**-0.5
+        from_weights = mx.random.normal((text_rows, d, width), key=next(k))
+        return x, qkv, keys, values, weights, [to_scores, from_weights, keep]
+    wq, wo = mx.random.normal((2, d, d), key=next(k)) * d**-0.5
+    # the text's keys/values as the decoder makes them: (batch, len, heads, d) transposed
+    shape = (text_rows, text_length, heads, head_dim)
+    text_keys = mx.random.normal(shape, key=next(k)).swapaxes(1, 2)
+    text_values = mx.random.normal(shape, key=next(k)).swapaxes(1, 2)
+    return x, qkv, keys, values, weights, [wq, wo, keep, text_keys, text_values]
+
+
+# (rows, heads, length, head_dim, text rows): one position; lengths past a vector's 16 (masked
+# tail); head_dim 8 (the tiny fixture), 64 (MusicGen) and 72 (a masked tail); the long cache, split
+# over the helper thread; the text for one row of two (classifier-free guidance) or both
 @pytest.mark.parametrize("kv_dtype", [mx.float32, mx.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("text", ["none", "folded", "projected"])
 @pytest.mark.parametrize(
-    "shape", [(2, 2, 1, 8), (2, 2, 19, 8), (1, 3, 50, 72), (2, 16, 100, 64), (2, 16, 1450, 64)]
+    "shape",
+    [
+        (2, 2, 1, 8, 1),
+        (2, 2, 19, 8, 2),
+        (1, 3, 50, 72, 1),
+        (2, 16, 100, 64, 1),
+        (2, 16, 1450, 64, 2),
+    ],
 )
-def test_cached_attention_is_softmax_attention(kernels, shape, kv_dtype):
-    """Over the filled part of a preallocated cache (a strided view, as the step passes it), in
-    float32 or float16 (against float64 of the same float16 values)."""
-    batch, heads, length, head_dim = shape
+def test_layer_rest_is_the_decoder_layer(kernels, shape, text, kv_dtype):
+    """Against the step's MLX operations, over a float32 or float16 cache."""
+    rows, heads, length, head_dim, text_rows = shape
+    text_rows = 0 if text == "none" else text_rows
+    inputs = random_layer(rows, heads, head_dim, length, kv_dtype, text, text_rows, sum(shape))
+    scale = head_dim**-0.5
+    out = kernels.layer_rest(*inputs, heads, text_rows, scale, 1e-5)
+    assert out.shape == (rows, heads * head_dim) and out.dtype == mx.float32
+    # MLX's attention multiplies float16 values by float16 weights: within float16's rounding
+    tolerance = 1e-5 if kv_dtype == mx.float32 else 2e-3
+    expected = layer_rest_reference(*inputs, heads, text_rows, scale)
+    assert rel_err(out, expected) <= tolerance
+
+
+def self_attention(kernels, q, keys, values) -> mx.array:
+    """The self-attention of q (rows, heads, 1, d) alone, through layer_rest: an identity output
+    projection, a zero feed-forward, no text (the output is x + attention, with x = 0)."""
+    rows, heads, _, head_dim = q.shape
+    d = heads * head_dim
+    qkv = mx.concatenate([q.reshape(1, rows, d), mx.zeros((2, rows, d))])
+    ones, zeros = mx.ones((d,)), mx.zeros((d,))
+    weights = [mx.eye(d), ones, zeros, ones, zeros, mx.zeros((4, d)), mx.zeros((d, 4))]
+    out = kernels.layer_rest(mx.zeros((rows, d)), qkv, keys, values, weights, [], heads, 0, 1, 1e-5)
+    return out.reshape(q.shape)
+
+
+@pytest.mark.parametrize("kv_dtype", [mx.float32, mx.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("shape", [(2, 2, 19, 8), (1, 3, 50, 72), (2, 16, 1450, 64)])
+def test_self_attention_against_float64(kernels, shape, kv_dtype):
+    """The attention alone against float64 of the same (float16) values, over a strided cache view,
+    with a query whose heads are strided (a (rows, 1, heads, d) state transposed)."""
+    rows, heads, length, head_dim = shape
     kq, kk, kv = mx.random.split(mx.random.key(length), 3)
-    cache = (batch, heads, length + 7, head_dim)
+    cache = (rows, heads, length + 7, head_dim)
     keys = mx.random.normal(cache, key=kk).astype(kv_dtype)[:, :, :length]
     values = mx.random.normal(cache, key=kv).astype(kv_dtype)[:, :, :length]
-    q = mx.random.normal((batch, heads, 1, head_dim), key=kq) * head_dim**-0.5
-    if heads > 1:  # a query with its heads strided, as a (batch, 1, heads, d) state transposed
-        q = mx.random.normal((batch, 1, heads, head_dim), key=kq).swapaxes(1, 2) * head_dim**-0.5
-    out = kernels.cached_attention(q, keys, values)
-    assert out.shape == q.shape and out.dtype == mx.float32
+    q = mx.random.normal((rows, 1, heads, head_dim), key=kq).swapaxes(1, 2) * head_dim**-0.5
+    out = self_attention(kernels, q, keys, values)
     scores = np.array(q, np.float64) @ np.array(keys, np.float64).swapaxes(-1, -2)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     expected = (weights / weights.sum(-1, keepdims=True)) @ np.array(values, np.float64)
     assert rel_err(out, expected) <= 1e-5
-    # MLX's own path multiplies float16 values by float16 weights: within float16's rounding
-    mlx_tolerance = 1e-5 if kv_dtype == mx.float32 else 2e-3
-    assert rel_err(out, single_query_attention(q, keys, values)) <= mlx_tolerance
 
 
-def test_cached_attention_of_large_scores(kernels):
+def test_self_attention_of_large_scores(kernels):
     """Scores far apart (exp underflows to 0 for all but the top key) and equal (a plain mean)."""
     keys = mx.concatenate([mx.full((1, 1, 1, 16), 10.0), mx.full((1, 1, 30, 16), -10.0)], axis=2)
     values = mx.random.normal((1, 1, 31, 16), key=mx.random.key(3))
-    out = kernels.cached_attention(mx.ones((1, 1, 1, 16)), keys, values)
+    out = self_attention(kernels, mx.ones((1, 1, 1, 16)), keys, values)
     assert rel_err(out, values[:, :, :1]) <= 1e-6
-    out = kernels.cached_attention(mx.zeros((1, 1, 1, 16)), keys, values)
+    out = self_attention(kernels, mx.zeros((1, 1, 1, 16)), keys, values)
     assert rel_err(out, values.mean(axis=2, keepdims=True)) <= 1e-6
 
 
-def test_cached_attention_rejects_what_it_does_not_run(kernels):
-    kv = mx.zeros((1, 2, 5, 16))
-    with pytest.raises(ValueError, match="float32"):
-        kernels.cached_attention(mx.zeros((1, 2, 1, 16)), kv.astype(mx.float16), kv)
-    with pytest.raises(ValueError, match="float32"):
-        kernels.cached_attention(
-            *[mx.zeros((1, 2, 1, 16))] * 1, kv.astype(mx.bfloat16), kv.astype(mx.bfloat16)
+def test_the_layer_kernels_reject_what_they_do_not_run(kernels):
+    x, qkv, keys, values, weights, cross = random_layer(2, 2, 8, 5, mx.float32, "folded", 1, 0)
+    norm = weights[1:3]
+    with pytest.raises(ValueError, match="rows <= 2"):
+        kernels.attention_inputs(mx.zeros((3, 16)), *norm, *[weights[0]] * 3, 1.0, 1e-5)
+    with pytest.raises(ValueError, match="float32 x"):
+        kernels.attention_inputs(x.astype(mx.float16), *norm, *[weights[0]] * 3, 1.0, 1e-5)
+    run = kernels.layer_rest
+    with pytest.raises(ValueError, match="float32 or float16 keys"):
+        run(
+            x, qkv, keys.astype(mx.bfloat16), values.astype(mx.bfloat16), weights, cross, 2, 1, 1, 1
         )
-    with pytest.raises(ValueError, match="float32"):
-        kernels.cached_attention(mx.zeros((1, 2, 2, 16)), kv, kv)  # two queries
-    with pytest.raises(ValueError, match="head_dim <= 256"):
-        kernels.cached_attention(mx.zeros((1, 1, 1, 264)), *[mx.zeros((1, 1, 3, 264))] * 2)
+    with pytest.raises(ValueError, match="float32 or float16 keys"):
+        run(x, qkv, keys, values, weights, cross, 4, 1, 1.0, 1e-5)  # 4 heads of 4: not the cache's
+    with pytest.raises(ValueError, match="to_scores"):
+        run(x, qkv, keys, values, weights, cross[:2], 2, 1, 1.0, 1e-5)
+    with pytest.raises(ValueError, match="to_scores"):
+        run(x, qkv, keys, values, weights, cross, 2, 0, 1.0, 1e-5)  # text but no text rows
+    with pytest.raises(ValueError, match="to_scores"):
+        run(x, qkv, keys, values, weights[:6], cross, 2, 1, 1.0, 1e-5)
+    wide = mx.zeros((1, 1, 3, 264))
+    with pytest.raises(ValueError, match="float32 or float16 keys"):
+        run(mx.zeros((1, 264)), mx.zeros((3, 1, 264)), wide, wide, weights, [], 1, 0, 1, 1e-5)
 
 
 def test_the_kernels_build_into_the_cache_once(kernels, monkeypatch):

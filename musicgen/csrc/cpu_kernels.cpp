@@ -1,28 +1,33 @@
 // Float32 CPU kernels for the decoder step (x86-64 with AVX-512), as MLX primitives.
 //
-// - few_row_product(x, w): x (..., k) @ W^T for W (n, k) and one or two rows of x (classifier-free
-//   guidance's pair). W is read once for both rows, four of its rows at a time; OpenBLAS packs W
-//   for a 2-row product (sgemm) or runs its small-matrix path on one thread.
-// - cached_attention(q, keys, values): softmax(q K^T) V for one query per head over a key/value
-//   cache whose positions are rows of head_dim floats: scores, softmax and the weighted sum in one
-//   pass per head, where MLX runs about eight operations a layer. The cache may be float16 (read
-//   as such, widened in registers: half the bytes of a long cache).
+// - attention_inputs and layer_rest: a decoder layer's step in two operations around its cache
+//   write, where MLX runs about 25 (each a task for its stream's thread). attention_inputs: layer
+//   norm, then the queries, keys and values. layer_rest: the self-attention over the cache (scores,
+//   softmax and weighted sum in one pass per head; a float16 cache is widened in registers), the
+//   output projection, the cross-attention to the text, the GELU feed-forward, the residuals.
+// - few_row_product(x, w): x (..., k) @ W^T for W (n, k) and one or two rows of x (the LM heads).
 // - layer_norm(x, weight, bias, eps): one operation, where MLX's CPU backend runs five.
 //
-// Both split their work with a helper thread that spins briefly between jobs: two cores on one
-// MLX stream, joined in microseconds (a join between two MLX streams costs tens). Compiled on
-// first use by musicgen/cpu_kernels.py.
+// Every weight product reads W once for both rows (classifier-free guidance's pair), four of its
+// rows at a time, where OpenBLAS packs W for a 2-row product (sgemm) or runs its small-matrix path
+// on one thread. Products and attention split their work with a helper thread that spins briefly
+// between jobs: two cores on one MLX stream, joined in microseconds (a join between two MLX streams
+// costs tens). Compiled on first use by musicgen/cpu_kernels.py.
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <functional>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
@@ -129,6 +134,21 @@ struct Layout {
   }
 };
 
+// An MLX primitive that runs on the CPU only.
+class CpuPrimitive : public mx::UnaryPrimitive {
+ public:
+  CpuPrimitive(mx::Stream stream, const char* name) : mx::UnaryPrimitive(stream), name_(name) {}
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(std::string(name_) + " runs on the CPU only");
+  }
+
+  const char* name() const override { return name_; }
+
+ private:
+  const char* name_;
+};
+
 // ------------------------------------------------------------------------------- few_row_product
 
 // y[r * n + j] = x[r] . W[j] for rows r < M (1 or 2) and weight rows j in [j0, j1).
@@ -173,9 +193,17 @@ void few_rows(const float* x, const float* w, float* y, int n, int k, int j0, in
     }
 }
 
-class FewRowProduct : public mx::UnaryPrimitive {
+// y (rows, n) = x (rows, k) @ W^T for 1 or 2 rows, W's rows split with the helper.
+void product(const float* x, int rows, const float* w, float* y, int n, int k) {
+  in_two(n, 4, static_cast<long>(n) * k >= (1 << 16), [=](int j0, int j1) {
+    if (rows == 1) few_rows<1>(x, w, y, n, k, j0, j1);
+    else few_rows<2>(x, w, y, n, k, j0, j1);
+  });
+}
+
+class FewRowProduct : public CpuPrimitive {
  public:
-  explicit FewRowProduct(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  explicit FewRowProduct(mx::Stream stream) : CpuPrimitive(stream, "FewRowProduct") {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& x = inputs[0];
@@ -190,19 +218,10 @@ class FewRowProduct : public mx::UnaryPrimitive {
                       w_layout = Layout(w), y = out.data<float>(), rows, n, k] {
       std::vector<float> x_buffer, w_buffer;  // copies of strided views (a weight never is one)
       const float* x = x_layout.row_major(x_data, x_buffer);
-      const float* w = w_layout.row_major(w_data, w_buffer);
-      in_two(n, 4, static_cast<long>(n) * k >= (1 << 16), [=](int j0, int j1) {
-        if (rows == 1) few_rows<1>(x, w, y, n, k, j0, j1);
-        else few_rows<2>(x, w, y, n, k, j0, j1);
-      });
+      product(x, rows, w_layout.row_major(w_data, w_buffer), y, n, k);
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("few_row_product runs on the CPU only");
-  }
-
-  const char* name() const override { return "FewRowProduct"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
@@ -217,7 +236,7 @@ mx::array few_row_product(const mx::array& x, const mx::array& w) {
   return mx::array(shape, mx::float32, std::make_shared<FewRowProduct>(stream), {x, w});
 }
 
-// ------------------------------------------------------------------------------ cached_attention
+// ------------------------------------------------------------------------------------ attention
 
 // exp(x) for x <= 0: 2^n 2^f with n = round(x log2 e), |f| <= 1/2 (relative error ~2e-7).
 inline __m512 exp_nonpositive(__m512 x) {
@@ -234,119 +253,69 @@ inline __m512 exp_nonpositive(__m512 x) {
 
 constexpr int MAX_HEAD_DIM = 256;
 
-// One head: out = softmax(q K^T) V over `length` positions (rows of d floats), s: scratch.
+// One head: out = softmax(q K^T) V over `length` positions of d floats, `stride` apart; positions
+// whose `keep` entry is 0 (if given) get no weight. s: scratch for length + 16 floats.
 template <class T>
 void attend_head(const float* q, const T* keys, const T* values, float* out, int length, int d,
-                 float* s) {
+                 size_t stride, const float* keep, float* s) {
   const int blocks = (d + LANES - 1) / LANES, tail = d - (blocks - 1) * LANES;
   __m512 query[MAX_HEAD_DIM / LANES];
   for (int c = 0; c < blocks; c++) query[c] = load_part(q + c * LANES, c + 1 < blocks ? LANES : tail);
   float top = -INFINITY;
   for (int l = 0; l < length; l++) {
-    const T* key = keys + static_cast<size_t>(l) * d;
+    const T* key = keys + l * stride;
     __m512 a = _mm512_setzero_ps();
     for (int c = 0; c < blocks; c++)
       a = _mm512_fmadd_ps(query[c], load_part(key + c * LANES, c + 1 < blocks ? LANES : tail), a);
-    s[l] = _mm512_reduce_add_ps(a);
+    s[l] = keep && !keep[l] ? -INFINITY : _mm512_reduce_add_ps(a);
     top = std::max(top, s[l]);
   }
   __m512 total = _mm512_setzero_ps(), shift = _mm512_set1_ps(top);
   for (int l = 0; l < length; l += LANES) {
-    auto mask = static_cast<__mmask16>(length - l >= LANES ? 0xffff : (1u << (length - l)) - 1);
-    __m512 e = _mm512_maskz_mov_ps(mask, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + l), shift)));
-    _mm512_mask_storeu_ps(s + l, mask, e);
+    auto part = static_cast<__mmask16>(length - l >= LANES ? 0xffff : (1u << (length - l)) - 1);
+    __m512 score = _mm512_maskz_loadu_ps(part, s + l);
+    auto kept = _mm512_mask_cmp_ps_mask(part, score, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+    __m512 e = _mm512_maskz_mov_ps(kept, exp_nonpositive(_mm512_sub_ps(score, shift)));
+    _mm512_mask_storeu_ps(s + l, part, e);
     total = _mm512_add_ps(total, e);
   }
   __m512 acc[MAX_HEAD_DIM / LANES];
   for (int c = 0; c < blocks; c++) acc[c] = _mm512_setzero_ps();
   for (int l = 0; l < length; l++) {
     __m512 weight = _mm512_set1_ps(s[l]);
-    const T* value = values + static_cast<size_t>(l) * d;
+    const T* value = values + l * stride;
     for (int c = 0; c < blocks; c++)
       acc[c] = _mm512_fmadd_ps(weight, load_part(value + c * LANES, c + 1 < blocks ? LANES : tail), acc[c]);
   }
-  __m512 scale = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+  float sum = _mm512_reduce_add_ps(total);
+  __m512 scale = _mm512_set1_ps(sum > 0 ? 1.f / sum : 0.f);  // all masked: zeros
   for (int c = 0; c < blocks; c++) {
     auto mask = static_cast<__mmask16>(c + 1 < blocks ? 0xffff : (1u << tail) - 1);
     _mm512_mask_storeu_ps(out + c * LANES, mask, _mm512_mul_ps(acc[c], scale));
   }
 }
 
-class CachedAttention : public mx::UnaryPrimitive {
- public:
-  explicit CachedAttention(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    const auto& q = inputs[0];
-    const auto& keys = inputs[1];
-    const auto& values = inputs[2];
-    int batch = keys.shape(0), heads = keys.shape(1), length = keys.shape(2), d = keys.shape(3);
-    const auto &ks = keys.strides(), &vs = values.strides();
-    if (ks[3] != 1 || ks[2] != d || vs[3] != 1 || vs[2] != d)
-      throw std::runtime_error("cached_attention: each position's key and value must be contiguous");
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(q);
-    encoder.set_input_array(keys);
-    encoder.set_input_array(values);
-    encoder.set_output_array(out);
-    if (keys.dtype() == mx::float16)
-      run<mx::float16_t>(encoder, q, keys, values, out, batch, heads, length, d);
-    else
-      run<float>(encoder, q, keys, values, out, batch, heads, length, d);
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("cached_attention runs on the CPU only");
-  }
-
-  const char* name() const override { return "CachedAttention"; }
-
- private:
-  template <class T>
-  static void run(mx::cpu::CommandEncoder& encoder, const mx::array& q, const mx::array& keys,
-                  const mx::array& values, mx::array& out, int batch, int heads, int length, int d) {
-    const auto &ks = keys.strides(), &vs = values.strides();
-    encoder.dispatch([data = q.data<float>(), layout = Layout(q), k = keys.data<T>(),
-                      v = values.data<T>(), o = out.data<float>(), heads, length, d, kb = ks[0],
-                      kh = ks[1], vb = vs[0], vh = vs[1], units = batch * heads] {
-      std::vector<float> buffer;
-      const float* q = layout.row_major(data, buffer);
-      in_two(units, 1, static_cast<long>(units) * length >= 4096, [=](int u0, int u1) {
-        std::vector<float> scores(length + LANES);
-        for (int u = u0; u < u1; u++) {
-          int b = u / heads, h = u % heads;
-          attend_head(q + static_cast<size_t>(u) * d, k + b * kb + h * kh, v + b * vb + h * vh,
-                      o + static_cast<size_t>(u) * d, length, d, scores.data());
-        }
-      });
-    });
-  }
-};
-
-mx::array cached_attention(const mx::array& q, const mx::array& keys, const mx::array& values) {
-  bool kv_dtype = keys.dtype() == values.dtype() &&
-                  (keys.dtype() == mx::float32 || keys.dtype() == mx::float16);
-  if (q.dtype() != mx::float32 || !kv_dtype || keys.ndim() != 4 || keys.shape() != values.shape() ||
-      q.ndim() != 4 || q.shape(2) != 1 || q.shape(0) != keys.shape(0) ||
-      q.shape(1) != keys.shape(1) || q.shape(3) != keys.shape(3))
-    throw std::invalid_argument(
-        "cached_attention: float32 q (batch, heads, 1, d) and float32 or float16 keys/values "
-        "(batch, heads, length, d)");
-  if (keys.shape(3) > MAX_HEAD_DIM || keys.shape(2) < 1)
-    throw std::invalid_argument("cached_attention: head_dim <= 256 and at least one position");
-  auto stream = mx::default_stream(mx::Device::cpu);
-  return mx::array(q.shape(), mx::float32, std::make_shared<CachedAttention>(stream),
-                   {q, keys, values});
-}
-
 // ------------------------------------------------------------------------------------ layer_norm
+
+// y = (x - mean) / sqrt(var + eps) * w + b for each of `rows` rows of d floats.
+void norm_rows(const float* x, const float* w, const float* b, float* y, int rows, int d, float eps) {
+  for (int r = 0; r < rows; r++) {
+    const float* row = x + static_cast<size_t>(r) * d;
+    float* o = y + static_cast<size_t>(r) * d;
+    float sum = 0, squares = 0;
+    for (int c = 0; c < d; c++) sum += row[c];
+    const float mean = sum / d;
+    for (int c = 0; c < d; c++) squares += (row[c] - mean) * (row[c] - mean);
+    const float scale = 1.f / std::sqrt(squares / d + eps);
+    for (int c = 0; c < d; c++) o[c] = (row[c] - mean) * scale * w[c] + b[c];
+  }
+}
 
 // (x - mean) / sqrt(var + eps) * weight + bias over the last axis, one row at a time (MLX's CPU
 // backend runs mx.fast.layer_norm as five operations).
-class LayerNorm : public mx::UnaryPrimitive {
+class LayerNorm : public CpuPrimitive {
  public:
-  LayerNorm(mx::Stream stream, float eps) : mx::UnaryPrimitive(stream), eps_(eps) {}
+  LayerNorm(mx::Stream stream, float eps) : CpuPrimitive(stream, "LayerNorm"), eps_(eps) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     const auto& x = inputs[0];
@@ -361,25 +330,9 @@ class LayerNorm : public mx::UnaryPrimitive {
       std::vector<float> x_buffer, w_buffer, b_buffer;
       const float* x = x_layout.row_major(x_data, x_buffer);
       const float* w = w_layout.row_major(w_data, w_buffer);
-      const float* b = b_layout.row_major(b_data, b_buffer);
-      for (int r = 0; r < rows; r++) {
-        const float* row = x + static_cast<size_t>(r) * d;
-        float* o = y + static_cast<size_t>(r) * d;
-        float sum = 0, squares = 0;
-        for (int c = 0; c < d; c++) sum += row[c];
-        const float mean = sum / d;
-        for (int c = 0; c < d; c++) squares += (row[c] - mean) * (row[c] - mean);
-        const float scale = 1.f / std::sqrt(squares / d + eps);
-        for (int c = 0; c < d; c++) o[c] = (row[c] - mean) * scale * w[c] + b[c];
-      }
+      norm_rows(x, w, b_layout.row_major(b_data, b_buffer), y, rows, d, eps);
     });
   }
-
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("layer_norm runs on the CPU only");
-  }
-
-  const char* name() const override { return "LayerNorm"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     return eps_ == static_cast<const LayerNorm&>(other).eps_;
   }
@@ -397,14 +350,329 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
                    {x, weight, bias});
 }
 
+
+// --------------------------------------------------------------------------------- decoder layer
+// A decoder layer's step in two operations around the cache write (MLX's in-place slice update):
+// attention_inputs (layer norm; q, k, v) and layer_rest (self-attention over the cache, output
+// projection, cross-attention, feed-forward). Where MLX runs about 25 operations, each one a task
+// for its stream's thread, this is two; the helper thread stays warm between their products.
+
+// x * (1 + erf(x / sqrt 2)) / 2 (the exact GELU) with Eigen's rational erf, as the decoder's
+// MLX `gelu` computes it, in place over n floats.
+void gelu(float* x, int n) {
+  for (int i = 0; i < n; i += LANES) {
+    auto part = static_cast<__mmask16>(n - i >= LANES ? 0xffff : (1u << (n - i)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(part, x + i);
+    __m512 y = _mm512_mul_ps(v, _mm512_set1_ps(0.7071067811865476f));
+    y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-4.f)), _mm512_set1_ps(4.f));
+    __m512 y2 = _mm512_mul_ps(y, y);
+    __m512 p = _mm512_set1_ps(-2.72614225801306e-10f), q = _mm512_set1_ps(-1.45660718464996e-05f);
+    for (float c : {2.77068142495902e-08f, -2.10102402082508e-06f, -5.69250639462346e-05f,
+                    -7.34990630326855e-04f, -2.95459980854025e-03f, -1.60960333262415e-02f})
+      p = _mm512_fmadd_ps(p, y2, _mm512_set1_ps(c));
+    for (float c : {-2.13374055278905e-04f, -1.68282697438203e-03f, -7.37332916720468e-03f,
+                    -1.42647390514189e-02f})
+      q = _mm512_fmadd_ps(q, y2, _mm512_set1_ps(c));
+    __m512 erf = _mm512_div_ps(_mm512_mul_ps(y, p), q);
+    __m512 out = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_add_ps(erf, _mm512_set1_ps(1.f))),
+                               _mm512_set1_ps(0.5f));
+    _mm512_mask_storeu_ps(x + i, part, out);
+  }
+}
+
+void add_to(float* x, const float* y, size_t n) {
+  for (size_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+// The inputs of a dispatched task, read in row-major order (copies of strided views).
+struct Inputs {
+  std::vector<const float*> data;
+  std::vector<Layout> layouts;
+
+  explicit Inputs(const std::vector<mx::array>& arrays, size_t count) {
+    for (size_t i = 0; i < count; i++) {
+      data.push_back(arrays[i].data<float>());
+      layouts.emplace_back(arrays[i]);
+    }
+  }
+
+  // Pointers to the inputs' elements in row-major order; `buffers` holds the copies.
+  std::vector<const float*> row_major(std::vector<std::vector<float>>& buffers) const {
+    buffers.resize(data.size());
+    std::vector<const float*> out;
+    for (size_t i = 0; i < data.size(); i++) out.push_back(layouts[i].row_major(data[i], buffers[i]));
+    return out;
+  }
+};
+
+template <size_t N>
+std::array<const float*, N> unpack(const std::vector<const float*>& v) {
+  std::array<const float*, N> out;
+  std::copy_n(v.begin(), N, out.begin());
+  return out;
+}
+
+void encode(mx::cpu::CommandEncoder& encoder, const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  for (const auto& a : inputs) encoder.set_input_array(a);
+  encoder.set_output_array(out);
+}
+
+// (3, rows, d): the scaled queries, the keys and the values of layer_norm(x) (no biases).
+class AttentionInputs : public CpuPrimitive {
+ public:
+  AttentionInputs(mx::Stream stream, float scale, float eps)
+      : CpuPrimitive(stream, "AttentionInputs"), scale_(scale), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encode(encoder, inputs, out);
+    int d = inputs[0].shape(-1), rows = inputs[0].size() / d;
+    encoder.dispatch([in = Inputs(inputs, 6), y = out.data<float>(), rows, d, scale = scale_,
+                      eps = eps_] {
+      std::vector<std::vector<float>> buffers;
+      auto [x, norm_w, norm_b, wq, wk, wv] = unpack<6>(in.row_major(buffers));
+      std::vector<float> h(static_cast<size_t>(rows) * d);
+      norm_rows(x, norm_w, norm_b, h.data(), rows, d, eps);
+      const size_t size = static_cast<size_t>(rows) * d;
+      in_two(d, 4, true, [&, x = h.data()](int j0, int j1) {  // the three products in one job
+        const float* weights[] = {wq, wk, wv};
+        for (int i = 0; i < 3; i++)
+          if (rows == 1) few_rows<1>(x, weights[i], y + i * size, d, d, j0, j1);
+          else few_rows<2>(x, weights[i], y + i * size, d, d, j0, j1);
+      });
+      for (size_t i = 0; i < size; i++) y[i] *= scale;
+    });
+  }
+
+ private:
+  float scale_, eps_;
+};
+
+// softmax over the n scores at s whose `keep` entry is nonzero (the others get 0).
+void masked_softmax(float* s, const float* keep, int n) {
+  float top = -INFINITY, sum = 0;
+  for (int i = 0; i < n; i++)
+    if (keep[i]) top = std::max(top, s[i]);
+  for (int i = 0; i < n; i++) sum += s[i] = keep[i] ? std::exp(s[i] - top) : 0.f;
+  for (int i = 0; i < n; i++) s[i] = sum > 0 ? s[i] / sum : 0.f;
+}
+
+// Where a strided (batch, heads, positions, d) array's heads lie.
+struct Heads {
+  const void* data;
+  int64_t batch, head, position;
+
+  Heads(const mx::array& a)
+      : data(a.data<void>()), batch(a.strides()[0]), head(a.strides()[1]), position(a.strides()[2]) {}
+
+  template <class T>
+  const T* at(int b, int h) const {
+    return static_cast<const T*>(data) + b * batch + h * head;
+  }
+};
+
+// The cross-attention's forms (TokenStep in musicgen/model.py): none (no row has text), the query
+// and output projections folded into the text's keys/values, or those projections as they are.
+enum CrossForm { NO_TEXT = 0, FOLDED = 3, PROJECTED = 5 };
+
+// The rest of a decoder layer's step for x (rows, d) given attention_inputs' (3, rows, d) and the
+// self-attention cache up to this position (with it): x + attention's projection, + cross-attention
+// (first text_rows rows), + feed-forward (GELU, no biases).
+class LayerRest : public CpuPrimitive {
+ public:
+  LayerRest(mx::Stream stream, int heads, int text_rows, CrossForm form, float scale, float eps)
+      : CpuPrimitive(stream, "LayerRest"),
+        heads_(heads), text_rows_(text_rows), form_(form), scale_(scale), eps_(eps) {}
+
+  // The inputs: x, qkv, out_proj, the two layer norms (weight, bias), fc1, fc2, the cross-attention's
+  // float inputs (to_scores, from_weights, mask; or q_proj, out_proj, mask), then the strided
+  // ones: the cache's keys and values and (PROJECTED) the text's.
+  static constexpr size_t FLOATS = 9;
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    for (size_t i = floats(); i < inputs.size(); i++)
+      if (inputs[i].strides()[3] != 1)
+        throw std::runtime_error("layer_rest: each position's keys and values must be contiguous");
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encode(encoder, inputs, out);
+    if (inputs[floats()].dtype() == mx::float16) run<mx::float16_t>(encoder, inputs, out);
+    else run<float>(encoder, inputs, out);
+  }
+
+ private:
+  size_t floats() const { return FLOATS + (form_ == NO_TEXT ? 0 : 3); }
+
+  template <class T>
+  void run(mx::cpu::CommandEncoder& encoder, const std::vector<mx::array>& inputs, mx::array& out) {
+    const auto& keys = inputs[floats()];
+    int d = inputs[0].shape(-1), rows = inputs[0].size() / d, ffn = inputs[7].shape(0);
+    int length = keys.shape(2), head_dim = d / heads_;
+    int text_length = form_ == PROJECTED ? inputs[floats() + 2].shape(2)
+                      : form_ == FOLDED  ? inputs[FLOATS].shape(1) / heads_
+                                         : 0;
+    Heads text_keys = form_ == PROJECTED ? Heads(inputs[floats() + 2]) : Heads(keys);
+    Heads text_values = form_ == PROJECTED ? Heads(inputs[floats() + 3]) : Heads(keys);
+    encoder.dispatch([in = Inputs(inputs, floats()), keys = Heads(keys),
+                      values = Heads(inputs[floats() + 1]), text_keys, text_values,
+                      y = out.data<float>(), rows, d, ffn, length, head_dim, text_length,
+                      heads = heads_, text_rows = text_rows_, form = form_, scale = scale_,
+                      eps = eps_] {
+      std::vector<std::vector<float>> buffers;
+      auto p = in.row_major(buffers);
+      auto [x, qkv, out_proj, cross_w, cross_b, ffn_w, ffn_b, fc1, fc2] = unpack<FLOATS>(p);
+      const size_t size = static_cast<size_t>(rows) * d;
+      std::vector<float> attended(size), h(size), part(size), wide(static_cast<size_t>(rows) * ffn);
+      // self-attention: one pass per (row, head) over the cache
+      in_two(rows * heads, 1, static_cast<long>(rows) * heads * length >= 4096, [&](int u0, int u1) {
+        std::vector<float> scores(length + LANES);
+        for (int u = u0; u < u1; u++)
+          attend_head(qkv + static_cast<size_t>(u) * head_dim, keys.at<T>(u / heads, u % heads),
+                      values.at<T>(u / heads, u % heads), attended.data() + u * head_dim, length,
+                      head_dim, keys.position, nullptr, scores.data());
+      });
+      std::copy(x, x + size, y);
+      product(attended.data(), rows, out_proj, part.data(), d, d);
+      add_to(y, part.data(), size);
+      if (form != NO_TEXT) {
+        norm_rows(y, cross_w, cross_b, h.data(), text_rows, d, eps);
+        cross_attention(p.data() + FLOATS, form, h.data(), part.data(), text_keys, text_values,
+                        text_rows, heads, d, text_length, scale);
+        add_to(y, part.data(), static_cast<size_t>(text_rows) * d);
+      }
+      norm_rows(y, ffn_w, ffn_b, h.data(), rows, d, eps);
+      product(h.data(), rows, fc1, wide.data(), ffn, d);
+      gelu(wide.data(), rows * ffn);
+      product(wide.data(), rows, fc2, part.data(), d, ffn);
+      add_to(y, part.data(), size);
+    });
+  }
+
+  // out (text_rows, d): the cross-attention of the normed rows h over the text.
+  static void cross_attention(const float* const* p, CrossForm form, const float* h, float* out,
+                              const Heads& keys, const Heads& values, int text_rows, int heads,
+                              int d, int length, float scale) {
+    const float* keep = p[2];
+    std::vector<float> scores(static_cast<size_t>(heads) * length + LANES);
+    if (form == FOLDED) {  // per row: scores = to_scores h, out = from_weights softmax(scores)
+      const size_t width = static_cast<size_t>(heads) * length;
+      for (int t = 0; t < text_rows; t++) {
+        product(h + t * d, 1, p[0] + t * width * d, scores.data(), width, d);
+        for (int head = 0; head < heads; head++)
+          masked_softmax(scores.data() + head * length, keep + t * length, length);
+        product(scores.data(), 1, p[1] + t * width * d, out + t * d, d, width);
+      }
+      return;
+    }
+    const int head_dim = d / heads;
+    std::vector<float> q(static_cast<size_t>(text_rows) * d), attended(q.size());
+    product(h, text_rows, p[0], q.data(), d, d);
+    for (auto& v : q) v *= scale;
+    for (int u = 0; u < text_rows * heads; u++)
+      attend_head(q.data() + u * head_dim, keys.at<float>(u / heads, u % heads),
+                  values.at<float>(u / heads, u % heads), attended.data() + u * head_dim, length,
+                  head_dim, keys.position, keep + (u / heads) * length, scores.data());
+    product(attended.data(), text_rows, p[1], out, d, d);
+  }
+
+  int heads_, text_rows_;
+  CrossForm form_;
+  float scale_, eps_;
+};
+
+void check(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+bool is_vector(const mx::array& a, int n) { return a.dtype() == mx::float32 && a.shape() == mx::Shape{n}; }
+
+bool is_matrix(const mx::array& a, int n, int k) {
+  return a.dtype() == mx::float32 && a.shape() == mx::Shape{n, k};
+}
+
+mx::array attention_inputs(const mx::array& x, const mx::array& norm_weight,
+                           const mx::array& norm_bias, const mx::array& q_proj,
+                           const mx::array& k_proj, const mx::array& v_proj, float scale, float eps) {
+  int d = x.ndim() == 2 ? x.shape(1) : 0;
+  check(x.dtype() == mx::float32 && d > 0 && x.shape(0) <= 2 && is_vector(norm_weight, d) &&
+            is_vector(norm_bias, d) && is_matrix(q_proj, d, d) && is_matrix(k_proj, d, d) &&
+            is_matrix(v_proj, d, d),
+        "attention_inputs: float32 x (rows <= 2, d), layer norm (d,) x 2, projections (d, d) x 3");
+  auto stream = mx::default_stream(mx::Device::cpu);
+  return mx::array({3, x.shape(0), d}, mx::float32,
+                   std::make_shared<AttentionInputs>(stream, scale, eps),
+                   {x, norm_weight, norm_bias, q_proj, k_proj, v_proj});
+}
+
+mx::array layer_rest(const mx::array& x, const mx::array& qkv, const mx::array& keys,
+                     const mx::array& values, const std::vector<mx::array>& weights,
+                     const std::vector<mx::array>& cross, int heads, int text_rows, float scale,
+                     float eps) {
+  const char* usage =
+      "layer_rest: float32 x (rows <= 2, d), qkv (3, rows, d), float32 or float16 keys/values "
+      "(rows, heads, length, d / heads), weights [out_proj, cross norm weight, bias, final norm "
+      "weight, bias, fc1, fc2] and cross [] or [to_scores, from_weights, keep] or [q_proj, out_proj, "
+      "keep, text keys, text values]";
+  check(x.ndim() == 2 && weights.size() == 7 && heads > 0, usage);
+  int rows = x.shape(0), d = x.shape(1), ffn = weights[5].ndim() == 2 ? weights[5].shape(0) : 0;
+  bool kv_dtype = keys.dtype() == values.dtype() &&
+                  (keys.dtype() == mx::float32 || keys.dtype() == mx::float16);
+  check(x.dtype() == mx::float32 && rows <= 2 && d % heads == 0 && qkv.dtype() == mx::float32 &&
+            qkv.shape() == mx::Shape{3, rows, d} && kv_dtype && keys.ndim() == 4 &&
+            keys.shape() == values.shape() && keys.shape() == mx::Shape{rows, heads, keys.shape(2), d / heads} &&
+            keys.shape(2) > 0 && d / heads <= MAX_HEAD_DIM && is_matrix(weights[0], d, d) && is_vector(weights[1], d) &&
+            is_vector(weights[2], d) && is_vector(weights[3], d) && is_vector(weights[4], d) &&
+            is_matrix(weights[5], ffn, d) && is_matrix(weights[6], d, ffn),
+        usage);
+  auto form = static_cast<CrossForm>(cross.size());
+  check(form == NO_TEXT ? text_rows == 0 : (text_rows > 0 && text_rows <= rows), usage);
+  std::vector<mx::array> inputs{x, qkv};
+  inputs.insert(inputs.end(), weights.begin(), weights.end());
+  if (form == FOLDED) {
+    const auto &to_scores = cross[0], &from_weights = cross[1], &keep = cross[2];
+    int width = to_scores.ndim() == 3 ? to_scores.shape(1) : 0;
+    check(width % heads == 0 && to_scores.dtype() == mx::float32 &&
+              to_scores.shape() == mx::Shape{text_rows, width, d} &&
+              from_weights.dtype() == mx::float32 &&
+              from_weights.shape() == mx::Shape{text_rows, d, width} &&
+              keep.dtype() == mx::float32 && keep.shape() == mx::Shape{text_rows, width / heads},
+          usage);
+    inputs.insert(inputs.end(), cross.begin(), cross.end());
+    inputs.insert(inputs.end(), {keys, values});
+  } else if (form == PROJECTED) {
+    const auto &text_keys = cross[3], &text_values = cross[4], &keep = cross[2];
+    int length = text_keys.ndim() == 4 ? text_keys.shape(2) : 0;
+    check(is_matrix(cross[0], d, d) && is_matrix(cross[1], d, d) && keep.dtype() == mx::float32 &&
+              keep.shape() == mx::Shape{text_rows, length} && text_keys.dtype() == mx::float32 &&
+              text_keys.shape() == mx::Shape{text_rows, heads, length, d / heads} &&
+              text_values.dtype() == mx::float32 && text_values.shape() == text_keys.shape() &&
+              length > 0,
+          usage);
+    inputs.insert(inputs.end(), cross.begin(), cross.begin() + 3);
+    inputs.insert(inputs.end(), {keys, values, text_keys, text_values});
+  } else {
+    check(form == NO_TEXT, usage);
+    inputs.insert(inputs.end(), {keys, values});
+  }
+  auto stream = mx::default_stream(mx::Device::cpu);
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<LayerRest>(stream, heads, text_rows, form, scale, eps), inputs);
+}
+
 }  // namespace
 
 NB_MODULE(_cpu_kernels, m) {
   m.def("few_row_product", &few_row_product, nb::arg("x"), nb::arg("w"),
         "x (..., k) @ W^T for float32 W (n, k) and one or two rows of x.");
-  m.def("cached_attention", &cached_attention, nb::arg("q"), nb::arg("keys"), nb::arg("values"),
-        "softmax(q K^T) V for float32 q (batch, heads, 1, d) over float32 or float16 keys/values "
-        "(batch, heads, length, d).");
   m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"),
         "Layer norm of float32 x (..., d) over its last axis.");
+  m.def("attention_inputs", &attention_inputs, nb::arg("x"), nb::arg("norm_weight"),
+        nb::arg("norm_bias"), nb::arg("q_proj"), nb::arg("k_proj"), nb::arg("v_proj"),
+        nb::arg("scale"), nb::arg("eps"),
+        "(3, rows, d): the scaled queries, keys and values of layer_norm(x) for 1 or 2 rows.");
+  m.def("layer_rest", &layer_rest, nb::arg("x"), nb::arg("qkv"), nb::arg("keys"),
+        nb::arg("values"), nb::arg("weights"), nb::arg("cross"), nb::arg("heads"),
+        nb::arg("text_rows"), nb::arg("scale"), nb::arg("eps"),
+        "A decoder layer's step after its cache write: self-attention over keys/values, output "
+        "projection, cross-attention of the first text_rows rows, GELU feed-forward.");
 }
