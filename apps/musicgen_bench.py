@@ -29,15 +29,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import musicgen  # noqa: F401  (loads OpenBLAS before anything imports mlx)
+from apps import huge_pages
 
 WINDOWS = {"100": (50, 150), "750": (700, 800), "1450": (1400, 1500)}
 # Flatness: the median step of the late window over that of the early one.
 FLATNESS = ("1450", "100")
-# Environment variables that change how the BLAS (or the CPU kernels) run (reported: a VM image may
-# set them for every process).
+# Environment variables that change how the BLAS, the CPU kernels or memory allocation run (reported: a
+# VM image may set them for every process).
 BLAS_ENV_PREFIXES = (
     "MUSICGEN_MLX_BLAS",
     "MUSICGEN_MLX_KERNELS",
+    "MUSICGEN_MLX_HUGE_PAGES",
+    "GLIBC_TUNABLES",
     "OPENBLAS_",
     "GOTO_",
     "MKL_",
@@ -287,6 +290,7 @@ def worker_generate(args: dict) -> dict:
         "backend": backend(),
         "blas": _blas.describe(),
         "cpu_kernels": guided_step(model, args["prompt"], 8).kernels is not None,
+        "huge_pages": huge_pages.asked(),
         "blas_env": blas_env(),
         "dtype": str(model.decoder.dtype).removeprefix("mlx.core."),
         "kv_dtype": str(model.decoder.cache_dtype).removeprefix("mlx.core."),
@@ -327,7 +331,7 @@ def run_worker(kind: str, args: dict, env: dict) -> dict:
 
 def run_transformers(python: str, args: dict) -> dict:
     runner = Path(__file__).with_name("transformers_runner.py")
-    return _run([python, str(runner), json.dumps(args)], dict(os.environ))
+    return _run([python, str(runner), json.dumps(args)], huge_pages.environment())
 
 
 def _run(cmd: list[str], env: dict) -> dict:
@@ -462,6 +466,7 @@ def print_table(report: dict) -> None:
     print(
         f"backend {ours['backend']}, BLAS {ours['blas']}, dtype {ours['dtype']}"
         + (", fused CPU kernels" if ours.get("cpu_kernels") else "")
+        + (", huge pages" if ours.get("huge_pages") else "")
         + (f", {ours['kv_dtype']} K/V cache" if ours.get("kv_dtype") != ours["dtype"] else "")
         + (f", {ours['quantize']}-bit decoder linears" if ours["quantize"] else "")
         + f", mlx {ours['versions']['mlx']}, batch 1, CFG 3, top-k 250, repeats {report['repeats']}"
@@ -541,7 +546,7 @@ def run(args: argparse.Namespace) -> dict:
         "matvec_size": args.matvec_size,
     }
     with tempfile.TemporaryDirectory(prefix="musicgen-bench-cache-") as cache:
-        env = {**os.environ, "MUSICGEN_MLX_CACHE": cache}
+        env = huge_pages.environment({**os.environ, "MUSICGEN_MLX_CACHE": cache})
         load = run_worker("load", common, env)
         ours_runs, ref_runs = [], []
         for _ in range(args.repeats):

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from apps import huge_pages
+
 PROG = "musicgen-cli"
 DEFAULT_MODEL = "facebook/musicgen-small"
 DEFAULT_STEPS = 300
@@ -933,6 +935,7 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
         "dtype": dtype_name(args.dtype),
         "quantize": args.quantize,
         "kv_dtype": str(model.decoder.cache_dtype).rsplit(".", 1)[-1],
+        "huge_pages": huge_pages.asked(),
         **params,
         "batch_size": len(prompts),
         "frames": frames,
@@ -1034,6 +1037,10 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns (and exits with) the status."""
+    if (
+        argv is None
+    ):  # the console script: again with huge pages where they help (apps/huge_pages.py)
+        huge_pages.run_again_with_huge_pages()
     argv = sys.argv[1:] if argv is None else list(argv)
     outputs = Outputs()
     if hasattr(signal, "SIGTERM"):

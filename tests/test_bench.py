@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from apps import musicgen_bench
+from apps import huge_pages, musicgen_bench
 from apps.random_checkpoint import shape_config, shapes, tensor_specs, write_checkpoint
 from musicgen import _blas, cpu_kernels
 from musicgen.generate import with_unconditional_rows
@@ -165,9 +165,14 @@ def test_bench_end_to_end_on_tiny_shape(tiny_checkpoint, capsys):
     assert ours["max_rss_bytes"] > ours["mlx_peak_bytes"] > 0
     # the worker reports the BLAS settings it ran with: this process's, plus what the loader set
     inherited = {
-        k: v for k, v in os.environ.items() if k.startswith(musicgen_bench.BLAS_ENV_PREFIXES)
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(musicgen_bench.BLAS_ENV_PREFIXES) and k != "GLIBC_TUNABLES"
     }
     assert inherited.items() <= ours["blas_env"].items()
+    # workers start with glibc's huge page tunable where the kernel gives huge pages on request
+    assert ours["huge_pages"] is (huge_pages.asked() or huge_pages.wanted())
+    assert huge_pages.asked(ours["blas_env"]) is ours["huge_pages"]
     assert all(k.startswith(musicgen_bench.BLAS_ENV_PREFIXES) for k in ours["blas_env"])
     if _blas.kind == "openblas":
         assert "OPENBLAS_THREAD_TIMEOUT" in ours["blas_env"]

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from apps import huge_pages
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "tiny-musicgen"
 STEREO = REPO / "tests" / "fixtures" / "tiny-musicgen-stereo"
@@ -130,6 +132,8 @@ def test_wav_format_length_and_metadata(cli):
     )
     assert meta["seed"] == 7 and meta["dtype"] == "float32" and meta["quantize"] is None
     assert meta["kv_dtype"] == "float32"
+    # the CLI ran itself again with glibc's huge page tunable where the kernel gives them on request
+    assert meta["huge_pages"] is (huge_pages.asked() or huge_pages.wanted())
     assert meta["sample_rate"] == 32000 and meta["channels"] == 1
     assert set(meta["timings_s"]) == {"load", "generate", "decode", "real_time_factor"}
     assert meta["package"] == "musicgen-mlx" and meta["version"]
