@@ -563,7 +563,7 @@ class TokenStep:
         kernels, heads, rows = self.kernels, self.heads, x.shape[0]
         for (inputs, weights, cross), cache in zip(self.fused, self.cache, strict=True):
             qkv = kernels.attention_inputs(x, *inputs, self.scale, 1e-5)
-            k, v = (qkv[i].reshape(rows, heads, 1, -1) for i in (1, 2))
+            k, v = (qkv[i : i + 1].reshape(rows, heads, 1, -1) for i in (1, 2))  # views
             keys, values = cache.update(k, v, offset)
             x = kernels.layer_rest(
                 x, qkv, keys, values, weights, cross, heads, self.text_rows, self.scale, 1e-5
