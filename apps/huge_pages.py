@@ -15,6 +15,7 @@ GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for the same effect.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Mapping
@@ -69,6 +70,8 @@ def run_again_with_huge_pages() -> None:
     """Replace this process by itself started with the tunable, where wanted and not yet set (the
     same PID, arguments and working folder; only the environment differs)."""
     env = environment()
-    if env.get("GLIBC_TUNABLES") != os.environ.get("GLIBC_TUNABLES"):
-        sys.stdout.flush(), sys.stderr.flush()
+    if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES") or not sys.executable:
+        return
+    sys.stdout.flush(), sys.stderr.flush()
+    with contextlib.suppress(OSError):  # cannot start again (an embedded interpreter): go on as is
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -79,3 +79,18 @@ def test_a_process_runs_itself_again_with_the_tunable(tmp_path):
         assert len(lines) == 3 and tunables == "glibc.malloc.hugetlb=1"  # printed before and after
     else:
         assert len(lines) == 2 and tunables is None
+
+
+def test_a_process_that_cannot_start_again_goes_on(thp, monkeypatch):
+    """execve failing (an embedded interpreter, a vanished executable) leaves the process as it was."""
+    thp("madvise")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    calls = []
+
+    def failing_execve(path, argv, env):
+        calls.append(env["GLIBC_TUNABLES"])
+        raise OSError("no such file")
+
+    monkeypatch.setattr(huge_pages.os, "execve", failing_execve)
+    huge_pages.run_again_with_huge_pages()
+    assert calls == ["glibc.malloc.hugetlb=1"] and "GLIBC_TUNABLES" not in os.environ
