@@ -361,7 +361,7 @@ class TokenStep:
     generation (see `fold_cross_attention`), so a step reads two small per-row matrices instead
     of two width x width weights.
 
-    On an x86-64 CPU with AVX-512 (float32, <= 2 rows, GELU), each layer runs as two fused CPU
+    On an x86-64 CPU with AVX-512 (float32, <= 4 rows, GELU), each layer runs as two fused CPU
     kernels around its cache write (`kernels`, see musicgen.cpu_kernels and `_fused_layers`), and
     the LM heads and final layer norm on the kernels' products: at ~100 / ~750 / ~1450 positions
     36.6-36.9 / 42.4-42.6 / 49.3-50.2 ms against 41.1-44.9 / 50.5-52.2 / 58.6-60.5 ms on MLX's
@@ -394,7 +394,7 @@ class TokenStep:
         on_cpu = mx.default_device() == mx.cpu
         fits_kernels = (
             on_cpu
-            and rows <= 2
+            and rows <= 4
             and c.activation_function == "gelu"
             and decoder.dtype == mx.float32
             and cache[0].keys.dtype in (mx.float32, mx.float16)
@@ -403,7 +403,7 @@ class TokenStep:
         self.kernels = cpu_kernels.load() if fits_kernels and kernels is not False else None
         if kernels and self.kernels is None:
             raise ValueError(
-                "the CPU kernels need a float32, unquantized CPU step of <= 2 rows with GELU"
+                "the CPU kernels need a float32, unquantized CPU step of <= 4 rows with GELU"
             )
         if self.kernels is not None:
             weight_first, small_product, split_products = False, 0, False

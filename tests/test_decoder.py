@@ -130,7 +130,8 @@ def guided_prompt(decoder, d):
 @FOLDS
 def test_token_step_with_cpu_kernels_matches_full_forward(mono, teacher_forced, fold):
     """The step on the fused CPU kernels (one text row and its unconditional row, as classifier-free
-    guidance runs a prompt; and the text row alone) equals the teacher-forced forward."""
+    guidance runs a prompt; the text row alone; a batch of 2 with guidance) equals the
+    teacher-forced forward."""
     if not cpu_kernels.wanted():
         pytest.skip("the CPU kernels run on x86-64 Linux with AVX-512 only")
     assert cpu_kernels.enabled(), "the kernels failed to build or their check against MLX"
@@ -143,8 +144,15 @@ def test_token_step_with_cpu_kernels_matches_full_forward(mono, teacher_forced, 
     alone = mono.cross_states(states[:1], mask[:1])
     one_row = token_step_logits(mono, tokens[:1], alone, fold, None, None, None, True)
     assert rel_err(one_row, np.array(mono(tokens[:1], alone))) <= 1e-5
-    with pytest.raises(ValueError, match="CPU kernels"):  # 4 rows: batch 2 with guidance
-        mono.token_step(cross, mono.make_cache(4, 1), kernels=True)
+    # a batch of 2 with guidance (4 rows: both prompts' text rows, then the unconditional ones)
+    states4 = mx.concatenate([states, mx.zeros_like(states)])
+    cross4 = mono.cross_states(states4, mx.concatenate([mask, mx.zeros_like(mask)]))
+    tokens4 = mx.array(d["decoder_input_ids"]).reshape(2, 4, -1)
+    tokens4 = mx.concatenate([tokens4, tokens4])
+    four = token_step_logits(mono, tokens4, cross4, fold, None, None, None, True)
+    assert rel_err(four, np.array(mono(tokens4, cross4))) <= 1e-5
+    with pytest.raises(ValueError, match="CPU kernels"):  # 6 rows: batch 3 with guidance
+        mono.token_step(cross, mono.make_cache(6, 1), kernels=True)
 
 
 def test_token_step_over_a_float16_cache(mono, teacher_forced):

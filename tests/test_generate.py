@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from reference import text_states
 
+from musicgen import cpu_kernels
 from musicgen.generate import (
     build_delay_pattern,
     delay_valid_mask,
@@ -131,7 +132,14 @@ def test_sampling_follows_the_distribution():
 # --- the generation loop -------------------------------------------------------------------------
 
 
-def test_greedy_cfg_batch_matches_transformers(mono, expected):
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu kernels", "mlx operations"])
+def test_greedy_cfg_batch_matches_transformers(mono, expected, kernels, monkeypatch):
+    """A batch of 2 with guidance (4 rows): on the fused CPU kernels where they run, and on MLX's
+    operations (the step on other machines)."""
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    elif not cpu_kernels.wanted():
+        pytest.skip("the CPU kernels run on x86-64 Linux with AVX-512 only")
     states, mask = text_states([0, 1], expected["batch_attention_mask"])
     tokens = generate_tokens(mono, states, mask, 40, top_k=1, guidance_coef=3.0, progress=False)
     assert tokens.shape == (2, 4, 37) and tokens.dtype == mx.int32
@@ -256,8 +264,8 @@ def test_step_limits(mono):
 
 def test_a_float16_kv_cache_keeps_the_greedy_tokens(mono, expected):
     """The K/V cache in float16 (kv_dtype): half its bytes, and with the fixtures' wide margins the
-    same greedy tokens as transformers' float32, through the CPU kernels (2 rows: CFG of one prompt)
-    and through MLX's operations (a batch of 2 with CFG: 4 rows)."""
+    same greedy tokens as transformers' float32, for one prompt and a batch of 2 with guidance (2 and
+    4 rows; through the CPU kernels where they run)."""
     mono.kv_dtype = mx.float16
     try:
         cache = mono.make_cache(2, 8)

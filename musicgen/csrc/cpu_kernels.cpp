@@ -5,12 +5,12 @@
 //   norm, then the queries, keys and values. layer_rest: the self-attention over the cache (scores,
 //   softmax and weighted sum in one pass per head; a float16 cache is widened in registers), the
 //   output projection, the cross-attention to the text, the GELU feed-forward, the residuals.
-// - few_row_product(x, w): x (..., k) @ W^T for W (n, k) and one or two rows of x (the LM heads).
+// - few_row_product(x, w): x (..., k) @ W^T for W (n, k) and 1 to 4 rows of x (the LM heads).
 // - layer_norm(x, weight, bias, eps): one operation, where MLX's CPU backend runs five.
 //
-// Every weight product reads W once for both rows (classifier-free guidance's pair), four of its
-// rows at a time, where OpenBLAS packs W for a 2-row product (sgemm) or runs its small-matrix path
-// on one thread. Products and attention split their work with a helper thread that spins briefly
+// Every weight product reads W once for all its rows (1 to 4: classifier-free guidance's pair for
+// one or two prompts), four of W's rows at a time, where OpenBLAS packs W for a few-row product
+// (sgemm) or runs its small-matrix path on one thread. Products and attention split their work with a helper thread that spins briefly
 // between jobs: two cores on one MLX stream, joined in microseconds (a join between two MLX streams
 // costs tens). Compiled on first use by musicgen/cpu_kernels.py.
 
@@ -151,36 +151,34 @@ class CpuPrimitive : public mx::UnaryPrimitive {
 
 // ------------------------------------------------------------------------------- few_row_product
 
-// y[r * n + j] = x[r] . W[j] for rows r < M (1 or 2) and weight rows j in [j0, j1).
+// acc[r][i] += W[i] . x[r] over the 16 (or, not FULL, `count`) floats at column c of four weight rows
+// (w0, w0 + k, ...) and M rows of x: each weight vector is loaded once for every row of x.
+template <int M, bool FULL>
+inline void four_rows_at(const float* x, const float* w0, int k, int c, int count,
+                         __m512 (&acc)[M][4]) {
+  __m512 v[4];
+  for (int i = 0; i < 4; i++)
+    v[i] = FULL ? _mm512_loadu_ps(w0 + i * k + c) : load_part(w0 + i * k + c, count);
+  for (int r = 0; r < M; r++) {
+    __m512 u = FULL ? _mm512_loadu_ps(x + r * k + c) : load_part(x + r * k + c, count);
+    for (int i = 0; i < 4; i++) acc[r][i] = _mm512_fmadd_ps(v[i], u, acc[r][i]);
+  }
+}
+
+// y[r * n + j] = x[r] . W[j] for rows r < M (1 to 4) and weight rows j in [j0, j1).
 template <int M>
 void few_rows(const float* x, const float* w, float* y, int n, int k, int j0, int j1) {
-  const float* x1 = x + (M - 1) * k;
   const int body = k / LANES * LANES, tail = k - body;
   int j = j0;
   for (; j + 4 <= j1; j += 4) {
     const float* w0 = w + static_cast<size_t>(j) * k;
-    const float *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    auto step = [&](__m512 v0, __m512 v1, __m512 v2, __m512 v3, __m512 u, __m512 t) {
-      a0 = _mm512_fmadd_ps(v0, u, a0), a1 = _mm512_fmadd_ps(v1, u, a1);
-      a2 = _mm512_fmadd_ps(v2, u, a2), a3 = _mm512_fmadd_ps(v3, u, a3);
-      if constexpr (M == 2) {
-        b0 = _mm512_fmadd_ps(v0, t, b0), b1 = _mm512_fmadd_ps(v1, t, b1);
-        b2 = _mm512_fmadd_ps(v2, t, b2), b3 = _mm512_fmadd_ps(v3, t, b3);
-      }
-    };
-    for (int c = 0; c < body; c += LANES)
-      step(_mm512_loadu_ps(w0 + c), _mm512_loadu_ps(w1 + c), _mm512_loadu_ps(w2 + c),
-           _mm512_loadu_ps(w3 + c), _mm512_loadu_ps(x + c), _mm512_loadu_ps(x1 + c));
-    if (tail)
-      step(load_part(w0 + body, tail), load_part(w1 + body, tail), load_part(w2 + body, tail),
-           load_part(w3 + body, tail), load_part(x + body, tail), load_part(x1 + body, tail));
-    y[j] = _mm512_reduce_add_ps(a0), y[j + 1] = _mm512_reduce_add_ps(a1);
-    y[j + 2] = _mm512_reduce_add_ps(a2), y[j + 3] = _mm512_reduce_add_ps(a3);
-    if constexpr (M == 2) {
-      y[n + j] = _mm512_reduce_add_ps(b0), y[n + j + 1] = _mm512_reduce_add_ps(b1);
-      y[n + j + 2] = _mm512_reduce_add_ps(b2), y[n + j + 3] = _mm512_reduce_add_ps(b3);
-    }
+    __m512 acc[M][4];
+    for (auto& row : acc)
+      for (auto& a : row) a = _mm512_setzero_ps();
+    for (int c = 0; c < body; c += LANES) four_rows_at<M, true>(x, w0, k, c, LANES, acc);
+    if (tail) four_rows_at<M, false>(x, w0, k, body, tail, acc);
+    for (int r = 0; r < M; r++)
+      for (int i = 0; i < 4; i++) y[r * n + j + i] = _mm512_reduce_add_ps(acc[r][i]);
   }
   for (; j < j1; j++)
     for (int r = 0; r < M; r++) {
@@ -193,12 +191,24 @@ void few_rows(const float* x, const float* w, float* y, int n, int k, int j0, in
     }
 }
 
-// y (rows, n) = x (rows, k) @ W^T for 1 or 2 rows, W's rows split with the helper.
+// The rows one weight product takes: classifier-free guidance's pair for up to two prompts.
+constexpr int MAX_ROWS = 4;
+
+// Runs few_rows<rows> (rows 1 to MAX_ROWS).
+inline void few_rows_of(int rows, const float* x, const float* w, float* y, int n, int k, int j0,
+                        int j1) {
+  switch (rows) {
+    case 1: return few_rows<1>(x, w, y, n, k, j0, j1);
+    case 2: return few_rows<2>(x, w, y, n, k, j0, j1);
+    case 3: return few_rows<3>(x, w, y, n, k, j0, j1);
+    default: return few_rows<4>(x, w, y, n, k, j0, j1);
+  }
+}
+
+// y (rows, n) = x (rows, k) @ W^T for 1 to MAX_ROWS rows, W's rows split with the helper.
 void product(const float* x, int rows, const float* w, float* y, int n, int k) {
-  in_two(n, 4, static_cast<long>(n) * k >= (1 << 16), [=](int j0, int j1) {
-    if (rows == 1) few_rows<1>(x, w, y, n, k, j0, j1);
-    else few_rows<2>(x, w, y, n, k, j0, j1);
-  });
+  in_two(n, 4, static_cast<long>(n) * k >= (1 << 16),
+         [=](int j0, int j1) { few_rows_of(rows, x, w, y, n, k, j0, j1); });
 }
 
 class FewRowProduct : public CpuPrimitive {
@@ -229,7 +239,8 @@ mx::array few_row_product(const mx::array& x, const mx::array& w) {
   if (x.dtype() != mx::float32 || w.dtype() != mx::float32 || w.ndim() != 2 || x.ndim() < 1 ||
       x.shape(-1) != w.shape(1))
     throw std::invalid_argument("few_row_product: float32 x (..., k) and W (n, k)");
-  if (x.size() / x.shape(-1) > 2) throw std::invalid_argument("few_row_product: at most 2 rows");
+  if (x.size() / x.shape(-1) > MAX_ROWS)
+    throw std::invalid_argument("few_row_product: at most 4 rows");
   auto stream = mx::default_stream(mx::Device::cpu);
   auto shape = x.shape();
   shape.back() = w.shape(0);
@@ -453,8 +464,7 @@ class AttentionInputs : public CpuPrimitive {
       in_two(d, 4, true, [&, x = h.data()](int j0, int j1) {  // the three products in one job
         const float* weights[] = {wq, wk, wv};
         for (int i = 0; i < 3; i++)
-          if (rows == 1) few_rows<1>(x, weights[i], y + i * size, d, d, j0, j1);
-          else few_rows<2>(x, weights[i], y + i * size, d, d, j0, j1);
+          few_rows_of(rows, x, weights[i], y + i * size, d, d, j0, j1);
       });
       for (size_t i = 0; i < size; i++) y[i] *= scale;
     });
@@ -616,10 +626,10 @@ mx::array attention_inputs(const mx::array& x, const mx::array& norm_weight,
                            const mx::array& norm_bias, const mx::array& q_proj,
                            const mx::array& k_proj, const mx::array& v_proj, float scale, float eps) {
   int d = x.ndim() == 2 ? x.shape(1) : 0;
-  check(x.dtype() == mx::float32 && d > 0 && x.shape(0) <= 2 && is_vector(norm_weight, d) &&
+  check(x.dtype() == mx::float32 && d > 0 && x.shape(0) <= MAX_ROWS && is_vector(norm_weight, d) &&
             is_vector(norm_bias, d) && is_matrix(q_proj, d, d) && is_matrix(k_proj, d, d) &&
             is_matrix(v_proj, d, d),
-        "attention_inputs: float32 x (rows <= 2, d), layer norm (d,) x 2, projections (d, d) x 3");
+        "attention_inputs: float32 x (rows <= 4, d), layer norm (d,) x 2, projections (d, d) x 3");
   auto stream = mx::default_stream(mx::Device::cpu);
   return mx::array({3, x.shape(0), d}, mx::float32,
                    std::make_shared<AttentionInputs>(stream, scale, eps),
@@ -631,7 +641,7 @@ mx::array layer_rest(const mx::array& x, const mx::array& qkv, const mx::array& 
                      const std::vector<mx::array>& cross, int heads, int text_rows, float scale,
                      float eps) {
   const char* usage =
-      "layer_rest: float32 x (rows <= 2, d), qkv (3, rows, d), float32 or float16 keys/values "
+      "layer_rest: float32 x (rows <= 4, d), qkv (3, rows, d), float32 or float16 keys/values "
       "(rows, heads, length, d / heads), weights [out_proj, cross norm weight, bias, final norm "
       "weight, bias, fc1, fc2] and cross [] or [to_scores, from_weights, keep] or [q_proj, out_proj, "
       "keep, text keys, text values]";
@@ -639,7 +649,7 @@ mx::array layer_rest(const mx::array& x, const mx::array& qkv, const mx::array& 
   int rows = x.shape(0), d = x.shape(1), ffn = weights[5].ndim() == 2 ? weights[5].shape(0) : 0;
   bool kv_dtype = keys.dtype() == values.dtype() &&
                   (keys.dtype() == mx::float32 || keys.dtype() == mx::float16);
-  check(x.dtype() == mx::float32 && rows <= 2 && d % heads == 0 && qkv.dtype() == mx::float32 &&
+  check(x.dtype() == mx::float32 && rows <= MAX_ROWS && d % heads == 0 && qkv.dtype() == mx::float32 &&
             qkv.shape() == mx::Shape{3, rows, d} && kv_dtype && keys.ndim() == 4 &&
             keys.shape() == values.shape() && keys.shape() == mx::Shape{rows, heads, keys.shape(2), d / heads} &&
             keys.shape(2) > 0 && d / heads <= MAX_HEAD_DIM && is_matrix(weights[0], d, d) && is_vector(weights[1], d) &&
@@ -685,13 +695,13 @@ mx::array layer_rest(const mx::array& x, const mx::array& qkv, const mx::array& 
 
 NB_MODULE(_cpu_kernels, m) {
   m.def("few_row_product", &few_row_product, nb::arg("x"), nb::arg("w"),
-        "x (..., k) @ W^T for float32 W (n, k) and one or two rows of x.");
+        "x (..., k) @ W^T for float32 W (n, k) and 1 to 4 rows of x.");
   m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"),
         "Layer norm of float32 x (..., d) over its last axis.");
   m.def("attention_inputs", &attention_inputs, nb::arg("x"), nb::arg("norm_weight"),
         nb::arg("norm_bias"), nb::arg("q_proj"), nb::arg("k_proj"), nb::arg("v_proj"),
         nb::arg("scale"), nb::arg("eps"),
-        "(3, rows, d): the scaled queries, keys and values of layer_norm(x) for 1 or 2 rows.");
+        "(3, rows, d): the scaled queries, keys and values of layer_norm(x) for 1 to 4 rows.");
   m.def("layer_rest", &layer_rest, nb::arg("x"), nb::arg("qkv"), nb::arg("keys"),
         nb::arg("values"), nb::arg("weights"), nb::arg("cross"), nb::arg("heads"),
         nb::arg("text_rows"), nb::arg("scale"), nb::arg("eps"),
