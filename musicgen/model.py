@@ -364,7 +364,7 @@ class TokenStep:
     On an x86-64 CPU with AVX-512 (float32, <= 4 rows, GELU), each layer runs as two fused CPU
     kernels around its cache write (`kernels`, see musicgen.cpu_kernels and `_fused_layers`), and
     the LM heads and final layer norm on the kernels' products: at ~100 / ~750 / ~1450 positions
-    36.6-36.9 / 42.4-42.6 / 49.3-50.2 ms against 41.1-44.9 / 50.5-52.2 / 58.6-60.5 ms on MLX's
+    28.7-31.0 / 31.6-34.3 / 35.2-42.8 ms against 44.8-45.2 / 53.2-55.1 / 60.1-61.3 ms on MLX's
     operations (musicgen-small shape, back to back, 3 rounds). On MLX's operations with OpenBLAS's
     AVX-512 kernels, each product runs in small-matrix pieces, every other one on a second stream
     (`split_products`; see `linear`); with one stream the step took 53.7-53.8 / 61.4-61.6 /
