@@ -72,6 +72,7 @@ def run_again_with_huge_pages() -> None:
     env = environment()
     if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES") or not sys.executable:
         return
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     with contextlib.suppress(OSError):  # cannot start again (an embedded interpreter): go on as is
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -1037,9 +1037,8 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns (and exits with) the status."""
-    if (
-        argv is None
-    ):  # the console script: again with huge pages where they help (apps/huge_pages.py)
+    # the console script: run again with huge pages where they help (apps/huge_pages.py)
+    if argv is None:
         huge_pages.run_again_with_huge_pages()
     argv = sys.argv[1:] if argv is None else list(argv)
     outputs = Outputs()

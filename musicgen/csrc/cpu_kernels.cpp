@@ -134,6 +134,40 @@ struct Layout {
   }
 };
 
+// The inputs of a dispatched task, read in row-major order (copies of strided views).
+struct Inputs {
+  std::vector<const float*> data;
+  std::vector<Layout> layouts;
+
+  explicit Inputs(const std::vector<mx::array>& arrays, size_t count) {
+    for (size_t i = 0; i < count; i++) {
+      data.push_back(arrays[i].data<float>());
+      layouts.emplace_back(arrays[i]);
+    }
+  }
+
+  // Pointers to the inputs' elements in row-major order; `buffers` holds the copies.
+  std::vector<const float*> row_major(std::vector<std::vector<float>>& buffers) const {
+    buffers.resize(data.size());
+    std::vector<const float*> out;
+    for (size_t i = 0; i < data.size(); i++) out.push_back(layouts[i].row_major(data[i], buffers[i]));
+    return out;
+  }
+};
+
+template <size_t N>
+std::array<const float*, N> unpack(const std::vector<const float*>& v) {
+  std::array<const float*, N> out;
+  std::copy_n(v.begin(), N, out.begin());
+  return out;
+}
+
+void encode(mx::cpu::CommandEncoder& encoder, const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  for (const auto& a : inputs) encoder.set_input_array(a);
+  encoder.set_output_array(out);
+}
+
 // An MLX primitive that runs on the CPU only.
 class CpuPrimitive : public mx::UnaryPrimitive {
  public:
@@ -216,19 +250,13 @@ class FewRowProduct : public CpuPrimitive {
   explicit FewRowProduct(mx::Stream stream) : CpuPrimitive(stream, "FewRowProduct") {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    const auto& x = inputs[0];
-    const auto& w = inputs[1];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_input_array(w);
-    encoder.set_output_array(out);
-    int k = x.shape(-1), rows = x.size() / k, n = w.shape(0);
-    encoder.dispatch([x_data = x.data<float>(), x_layout = Layout(x), w_data = w.data<float>(),
-                      w_layout = Layout(w), y = out.data<float>(), rows, n, k] {
-      std::vector<float> x_buffer, w_buffer;  // copies of strided views (a weight never is one)
-      const float* x = x_layout.row_major(x_data, x_buffer);
-      product(x, rows, w_layout.row_major(w_data, w_buffer), y, n, k);
+    encode(encoder, inputs, out);
+    int k = inputs[0].shape(-1), rows = inputs[0].size() / k, n = inputs[1].shape(0);
+    encoder.dispatch([in = Inputs(inputs, 2), y = out.data<float>(), rows, n, k] {
+      std::vector<std::vector<float>> buffers;  // copies of strided views (a weight never is one)
+      auto [x, w] = unpack<2>(in.row_major(buffers));
+      product(x, rows, w, y, n, k);
     });
   }
 
@@ -344,21 +372,16 @@ class LayerNorm : public CpuPrimitive {
   LayerNorm(mx::Stream stream, float eps) : CpuPrimitive(stream, "LayerNorm"), eps_(eps) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    const auto& x = inputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& a : inputs) encoder.set_input_array(a);
-    encoder.set_output_array(out);
-    int d = x.shape(-1), rows = x.size() / d;
-    encoder.dispatch([x_data = x.data<float>(), x_layout = Layout(x), w_data = inputs[1].data<float>(),
-                      w_layout = Layout(inputs[1]), b_data = inputs[2].data<float>(),
-                      b_layout = Layout(inputs[2]), y = out.data<float>(), rows, d, eps = eps_] {
-      std::vector<float> x_buffer, w_buffer, b_buffer;
-      const float* x = x_layout.row_major(x_data, x_buffer);
-      const float* w = w_layout.row_major(w_data, w_buffer);
-      norm_rows(x, w, b_layout.row_major(b_data, b_buffer), y, rows, d, eps);
+    encode(encoder, inputs, out);
+    int d = inputs[0].shape(-1), rows = inputs[0].size() / d;
+    encoder.dispatch([in = Inputs(inputs, 3), y = out.data<float>(), rows, d, eps = eps_] {
+      std::vector<std::vector<float>> buffers;
+      auto [x, w, b] = unpack<3>(in.row_major(buffers));
+      norm_rows(x, w, b, y, rows, d, eps);
     });
   }
+
   bool is_equivalent(const mx::Primitive& other) const override {
     return eps_ == static_cast<const LayerNorm&>(other).eps_;
   }
@@ -408,40 +431,6 @@ void gelu(float* x, int n) {
 
 void add_to(float* x, const float* y, size_t n) {
   for (size_t i = 0; i < n; i++) x[i] += y[i];
-}
-
-// The inputs of a dispatched task, read in row-major order (copies of strided views).
-struct Inputs {
-  std::vector<const float*> data;
-  std::vector<Layout> layouts;
-
-  explicit Inputs(const std::vector<mx::array>& arrays, size_t count) {
-    for (size_t i = 0; i < count; i++) {
-      data.push_back(arrays[i].data<float>());
-      layouts.emplace_back(arrays[i]);
-    }
-  }
-
-  // Pointers to the inputs' elements in row-major order; `buffers` holds the copies.
-  std::vector<const float*> row_major(std::vector<std::vector<float>>& buffers) const {
-    buffers.resize(data.size());
-    std::vector<const float*> out;
-    for (size_t i = 0; i < data.size(); i++) out.push_back(layouts[i].row_major(data[i], buffers[i]));
-    return out;
-  }
-};
-
-template <size_t N>
-std::array<const float*, N> unpack(const std::vector<const float*>& v) {
-  std::array<const float*, N> out;
-  std::copy_n(v.begin(), N, out.begin());
-  return out;
-}
-
-void encode(mx::cpu::CommandEncoder& encoder, const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  for (const auto& a : inputs) encoder.set_input_array(a);
-  encoder.set_output_array(out);
 }
 
 // (3, rows, d): the scaled queries, the keys and the values of layer_norm(x) (no biases).
