@@ -37,12 +37,11 @@ from musicgen import _blas
 
 logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
-OFF_SETTINGS = ("0", "off", "false", "no")
 
 
 def wanted() -> bool:
     """Whether this machine can run the kernels and they were not turned off."""
-    if os.environ.get("MUSICGEN_MLX_KERNELS", "").strip().lower() in OFF_SETTINGS:
+    if os.environ.get("MUSICGEN_MLX_KERNELS", "").strip().lower() in _blas.OFF_SETTINGS:
         return False
     return sys.platform == "linux" and platform.machine() == "x86_64" and _blas.avx512_cpu()
 
