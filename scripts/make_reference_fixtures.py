@@ -7,11 +7,14 @@ versions (PINNED below; main() warns when the installed ones differ):
     /tmp/ref/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu   # 2.13.0+cpu
     /tmp/ref/bin/pip install transformers==5.23.0 tokenizers==0.23.3 sentencepiece==0.2.3 \
         protobuf==7.36.2 safetensors==0.8.0 numpy==2.4.6
+    /tmp/ref/bin/pip install --no-deps torchaudio==2.11.0   # for MusicgenMelodyFeatureExtractor only
+    mv /tmp/ref/lib/python3.11/site-packages/torchaudio/lib/*.so /tmp/   # built for another torch; the
+        # extractor needs only torchaudio's pure-Python Spectrogram, which works without them
     /tmp/ref/bin/python scripts/make_reference_fixtures.py --check   # regenerate in a temp dir, compare
     /tmp/ref/bin/python scripts/make_reference_fixtures.py           # writes tests/fixtures/
 
 Generated with torch 2.13.0+cpu, transformers 5.23.0, tokenizers 0.23.3, sentencepiece 0.2.3, protobuf 7.36.2,
-safetensors 0.8.0 and numpy 2.4.6 on Python 3.11 (Linux x86_64). Everything is seeded; running it twice gives
+safetensors 0.8.0, numpy 2.4.6 and torchaudio 2.11.0 (without its compiled extensions) on Python 3.11 (Linux x86_64). Everything is seeded; running it twice gives
 byte-identical files (checked by `--check`, which regenerates into a temp folder and compares). Other versions
 may change the trained sentencepiece model, the random weights or the last bits of the expected outputs.
 
@@ -25,6 +28,10 @@ Checkpoints (Hugging Face layout), all sharing one set of T5 and EnCodec weights
                          both folders hold identical values and must give identical outputs.
 - tiny-musicgen-stereo/  stereo MusicGen (8 codebooks, audio_channels 2), fp16 pytorch_model.bin with 2023 names
                          (like musicgen-stereo-medium); values are fp16-exact and the reference ran in fp32.
+- tiny-musicgen-melody/  MusicgenMelodyForConditionalGeneration (a decoder the size of the mono one, without
+                         cross-attention; num_chroma 12, chroma_length 235, enc_to_dec_proj and
+                         audio_enc_to_dec_proj), transformers-5 names, fp16 model.safetensors (fp16-exact values;
+                         the reference ran in fp32), spiece.model + tokenizer_config.json.
 - tiny-t5/               standalone T5EncoderModel (the same text-encoder weights) + spiece.model.
 - tiny-encodec/          standalone EncodecModel (the same audio-encoder weights).
 - tensors-bf16.bin       a torch.save'd dict with bf16, fp16 and a strided fp32 view (for the .bin reader).
@@ -55,6 +62,20 @@ Expected outputs, in expected/ (all arrays float32 or int32; prompts in expected
                audio (1, 1, F*640), with the prompt frames included as transformers returns them.
 - stereo.npz:  stereo model, PROMPTS[0], greedy CFG, max_new_tokens=30: input_ids, tokens (1, 8, 27),
                audio (1, 2, 17280); and teacher-forced logits for decoder_input_ids (8, 4).
+- melody.npz:  the melody model and MusicgenMelodyFeatureExtractor() (sr 32000, n_fft 16384, hop 4096) on the
+               4 s signal `melody_test_signal()` below (recompute it; it is not stored):
+               chroma (1, 32, 12) one-hot input_features; chroma_short (1, 5, 12) for its first 10000 samples
+               (shorter than n_fft: zero-padded to it, centred); chroma_batch (2, 32, 12) for [signal,
+               signal[:64000]] (zero-padded to the longest); filter_bank_rows = chroma_filter_bank[:, ::64]
+               (12, 129). Greedy CFG (guidance 3.0, max_new_tokens=40), tokens (b, 4, 37):
+               text_melody_input_ids + text_melody_tokens, text_melody_audio (1, 1, 23680) for PROMPTS[0] with
+               input_features=chroma; text_tokens for PROMPTS[0] alone; batch_input_ids, batch_attention_mask
+               (PROMPTS[:2], padded) + batch_tokens with input_features=chroma_batch; melody_tokens for
+               input_features=chroma alone (generated as input_ids=[[0]], attention_mask=[[0]]: see
+               melody_expected). Teacher-forced: decoder_input_ids (2*4, 8) (first column bos 2048) and logits
+               (2*4, 8, 2048) for the padded pair + chroma_batch; transformers' melody logits cover the
+               conditioning prefix (chroma_length 235 + text length 23) then the decoder tokens: these are the
+               last 8 positions of its 266.
 - tensors-bf16.npz: expected float32 values of tensors-bf16.bin (keys a, b, c).
 """
 
@@ -73,12 +94,17 @@ import numpy as np
 import sentencepiece as spm
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from transformers import (
     EncodecConfig,
     EncodecModel,
     MusicgenConfig,
     MusicgenDecoderConfig,
     MusicgenForConditionalGeneration,
+    MusicgenMelodyConfig,
+    MusicgenMelodyDecoderConfig,
+    MusicgenMelodyFeatureExtractor,
+    MusicgenMelodyForConditionalGeneration,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -166,7 +192,13 @@ def configs(stereo: bool = False) -> MusicgenConfig:
         chunk_length_s=None,
         overlap=None,
     )
-    decoder = MusicgenDecoderConfig(
+    decoder = MusicgenDecoderConfig(**decoder_sizes(stereo))
+    return MusicgenConfig(text_encoder=text, audio_encoder=audio, decoder=decoder)
+
+
+def decoder_sizes(stereo: bool = False) -> dict:
+    """The tiny decoder's settings (the MusicGen and the melody decoder configs share them)."""
+    return dict(
         vocab_size=2048,
         max_position_embeddings=2048,
         num_hidden_layers=2,
@@ -184,7 +216,19 @@ def configs(stereo: bool = False) -> MusicgenConfig:
         scale_embedding=False,
         tie_word_embeddings=False,
     )
-    return MusicgenConfig(text_encoder=text, audio_encoder=audio, decoder=decoder)
+
+
+def melody_config() -> MusicgenMelodyConfig:
+    """The mono T5 and EnCodec configs with a melody decoder, laid out like facebook/musicgen-melody's."""
+    mono = configs()
+    decoder = MusicgenMelodyDecoderConfig(**decoder_sizes())
+    return MusicgenMelodyConfig(
+        text_encoder=mono.text_encoder,
+        audio_encoder=mono.audio_encoder,
+        decoder=decoder,
+        num_chroma=12,
+        chroma_length=235,
+    )
 
 
 def randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
@@ -341,6 +385,68 @@ def long_test_signal() -> np.ndarray:
     )
     sig += 0.1 * np.sign(np.sin(2 * np.pi * 3.0 * t))
     return sig.astype(np.float32)
+
+
+def melody_test_signal() -> np.ndarray:
+    """The 4 s melody at 32 kHz for the chroma features (also recomputed by the tests).
+
+    Four 1 s notes C4, E4, G4, C5 (equal temperament, A4 = 440 Hz), each a fundamental with harmonics 2 and 3
+    at amplitudes 1, 0.4, 0.2, times 0.3, with 20 ms linear fades in and out.
+    """
+    rate = 32000
+    t = np.arange(rate, dtype=np.float64) / rate
+    fade = np.minimum(1.0, np.minimum(t, 1.0 - t) / 0.02)
+    notes = []
+    for midi in (60, 64, 67, 72):
+        f = 440.0 * 2.0 ** ((midi - 69) / 12)
+        tone = sum(a * np.sin(2 * np.pi * h * f * t) for h, a in ((1, 1.0), (2, 0.4), (3, 0.2)))
+        notes.append(0.3 * fade * tone)
+    return np.concatenate(notes).astype(np.float32)
+
+
+def melody_expected(
+    melody: MusicgenMelodyForConditionalGeneration, tokenizer: T5Tokenizer, gen: torch.Generator
+) -> dict[str, np.ndarray]:
+    """Chroma features, greedy CFG generations and teacher-forced logits of the melody model."""
+    extractor = MusicgenMelodyFeatureExtractor()
+    signal = melody_test_signal()
+
+    def chroma(audio) -> torch.Tensor:
+        return extractor(
+            audio, sampling_rate=32000, padding=True, return_tensors="pt"
+        ).input_features
+
+    features = chroma(signal)
+    batch_features = chroma([signal, signal[:64000]])
+    out = {
+        "chroma": features.numpy(),
+        "chroma_short": chroma(signal[:10000]).numpy(),
+        "chroma_batch": batch_features.numpy(),
+        "filter_bank_rows": extractor.chroma_filters[:, ::64].numpy(),
+    }
+    single = tokenizer(PROMPTS[:1], return_tensors="pt")
+    pair = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
+    out["text_melody_input_ids"] = single.input_ids.to(torch.int32).numpy()
+    out["text_melody_tokens"], out["text_melody_audio"] = greedy(
+        melody, 40, input_features=features, **single
+    )
+    out["text_tokens"], _ = greedy(melody, 40, **single)
+    out["batch_input_ids"] = pair.input_ids.to(torch.int32).numpy()
+    out["batch_attention_mask"] = pair.attention_mask.to(torch.int32).numpy()
+    out["batch_tokens"], _ = greedy(melody, 40, input_features=batch_features, **pair)
+    # melody alone: generate(input_features=...) runs T5 on one dummy id 2048 (its bos) with mask 0 (2048 is
+    # its pad too), an IndexError with this tiny T5 vocab; one masked pad id is the same computation
+    none = torch.zeros((1, 1), dtype=torch.long)
+    out["melody_tokens"], _ = greedy(
+        melody, 40, input_ids=none, attention_mask=none, input_features=features
+    )
+
+    dec_ids = torch.randint(0, 2048, (2 * 4, 8), generator=gen)
+    dec_ids[:, 0] = 2048
+    logits = melody(**pair, input_features=batch_features, decoder_input_ids=dec_ids).logits
+    out["decoder_input_ids"] = dec_ids.to(torch.int32).numpy()
+    out["logits"] = logits[:, -dec_ids.shape[1] :].numpy()
+    return out
 
 
 def encodec_expected(encodec: EncodecModel, gen: torch.Generator) -> dict[str, np.ndarray]:
@@ -503,6 +609,26 @@ def build(out: Path) -> None:
             logits=s_logits.numpy(),
         )
 
+    # melody: same T5/EnCodec, its own decoder and chroma projection; fp16-exact values saved as fp16
+    # safetensors (last, so that every earlier draw from `gen` and so every earlier file stays as it was)
+    melody = MusicgenMelodyForConditionalGeneration(melody_config()).eval()
+    randomize(melody, gen)
+    melody.text_encoder.load_state_dict(mono.text_encoder.state_dict())
+    melody.audio_encoder.load_state_dict(mono.audio_encoder.state_dict())
+    fp16_exact(melody)
+    generation_config(melody)
+    melody_dir = out / "tiny-musicgen-melody"
+    melody.save_pretrained(melody_dir)
+    weights = melody_dir / "model.safetensors"
+    save_file(half(load_file(weights)), weights, metadata={"format": "pt"})
+    config = json.loads((melody_dir / "config.json").read_text())
+    config["dtype"] = "float16"  # what the weights are stored as
+    (melody_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in ("spiece.model", "tokenizer_config.json"):
+        shutil.copy(mono_dir / name, melody_dir / name)
+    with torch.no_grad():
+        np.savez(expected / "melody.npz", **melody_expected(melody, tokenizer, gen))
+
 
 #: The versions that made the committed fixtures (see the module docstring).
 PINNED = {
@@ -513,6 +639,7 @@ PINNED = {
     "protobuf": "7.36.2",
     "safetensors": "0.8.0",
     "numpy": "2.4.6",
+    "torchaudio": "2.11.0",
 }
 
 
