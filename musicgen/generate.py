@@ -91,6 +91,33 @@ def with_unconditional_rows(states: mx.array, mask: mx.array) -> tuple[mx.array,
     )
 
 
+def null_chroma(batch: int, frames: int, num_chroma: int) -> mx.array:
+    """Melody's "no melody" chroma (batch, frames, num_chroma): every frame on bin 0, as transformers."""
+    return mx.zeros((batch, frames, num_chroma)).at[..., 0].add(1.0)
+
+
+def melody_prefix(
+    decoder: MusicgenDecoder,
+    encoder_states: mx.array | None,
+    encoder_mask: mx.array | None,
+    chroma: mx.array | None,
+    cfg: bool,
+) -> mx.array:
+    """Melody's conditioning prefix for the rows (and, with `cfg`, their unconditional rows: zero
+    text, null chroma of the same length). No chroma: the null chroma of one frame (transformers)."""
+    c = decoder.config
+    batch = encoder_states.shape[0] if encoder_states is not None else chroma.shape[0]
+    null = null_chroma(batch, 1 if chroma is None else chroma.shape[1], c.num_chroma)
+    chroma = null if chroma is None else chroma.astype(mx.float32)
+    if chroma.shape[0] != batch:  # one melody for every prompt
+        chroma = mx.repeat(chroma, batch // chroma.shape[0], axis=0)
+    if cfg:
+        chroma = mx.concatenate([chroma, null], axis=0)
+        if encoder_states is not None:
+            encoder_states, encoder_mask = with_unconditional_rows(encoder_states, encoder_mask)
+    return decoder.conditioning_prefix(encoder_states, encoder_mask, chroma)
+
+
 def generate_tokens(
     decoder: MusicgenDecoder,
     encoder_states: mx.array,
@@ -105,6 +132,7 @@ def generate_tokens(
     progress: bool | None = None,
     callback: Callable[[int, int], None] | None = None,
     prompt: mx.array | None = None,
+    chroma: mx.array | None = None,
 ) -> mx.array:
     """Generate int32 codes (batch, codebooks, max_steps - max delay) conditioned on text encoder states.
 
@@ -116,6 +144,10 @@ def generate_tokens(
     delayed prompt go through the decoder in one prefill, its tail (the last q frames of codebook q) is
     kept, and `max_steps` new steps follow; the result (batch, codebooks, P + max_steps - max delay)
     starts with the prompt.
+
+    Melody (a decoder without cross-attention): the text states (None: no text) and `chroma` (batch,
+    frames, num_chroma; None: no melody) form a prefix of P positions (`melody_prefix`) that one
+    prefill puts in the cache; the tokens follow at positions P.. (transformers' melody generate).
     """
     config = decoder.config
     delays = config.delays
@@ -123,23 +155,32 @@ def generate_tokens(
     if max_steps <= max(delays):
         raise ValueError(f"max_steps must be > {max(delays)} (the largest codebook delay)")
     max_steps += start  # from here on: steps of the whole delayed sequence, prompt included
-    if max_steps > config.max_position_embeddings:
+    cfg = guidance_coef is not None and guidance_coef > 1
+    if encoder_states is not None and encoder_mask is None:
+        encoder_mask = mx.ones(encoder_states.shape[:2], dtype=mx.int32)
+    prefix = None
+    if not config.cross_attention:
+        prefix = melody_prefix(decoder, encoder_states, encoder_mask, chroma, cfg)
+        cross = decoder.cross_states(None)
+    elif chroma is not None:
+        raise ValueError("this model has no melody conditioning (a MusicGen-Melody model has)")
+    else:
+        if cfg:
+            encoder_states, encoder_mask = with_unconditional_rows(encoder_states, encoder_mask)
+        cross = decoder.cross_states(encoder_states, encoder_mask)
+    held = 0 if prefix is None else prefix.shape[1]  # positions before the first token
+    if held + max_steps > config.max_position_embeddings:
         raise ValueError(
-            f"prompt + max_steps = {max_steps} > the model's {config.max_position_embeddings}"
+            f"{'conditioning + ' if held else ''}prompt + max_steps = {held + max_steps} > the "
+            f"model's {config.max_position_embeddings} positions"
         )
-    batch = encoder_states.shape[0]
+    rows = prefix.shape[0] if prefix is not None else encoder_states.shape[0]
+    batch = rows // 2 if cfg else rows
     k = config.num_codebooks
     pad = config.pad_token_id
-    if encoder_mask is None:
-        encoder_mask = mx.ones(encoder_states.shape[:2], dtype=mx.int32)
-    cfg = guidance_coef is not None and guidance_coef > 1
-    if cfg:
-        encoder_states, encoder_mask = with_unconditional_rows(encoder_states, encoder_mask)
-    rows = encoder_states.shape[0]
 
     # Setup: everything that does not change per step.
-    cross = decoder.cross_states(encoder_states, encoder_mask)
-    cache = decoder.make_cache(rows, max_steps)
+    cache = decoder.make_cache(rows, held + max_steps)
     valid = delay_valid_mask(max_steps, delays)
     fill = mx.full((max_steps, batch, k), pad, dtype=mx.int32)  # value of each token not generated
     if prompt is not None:
@@ -156,19 +197,24 @@ def generate_tokens(
 
     tokens = mx.full((rows, k), config.bos_token_id, dtype=mx.int32)  # the next step's input
     outputs = []
-    if start:  # prefill: bos and the delayed prompt up to position start - 1, in one forward
+    if (
+        start
+    ):  # prefill: [prefix], bos and the delayed prompt up to position start - 1, in one forward
         outputs = [fill[s] for s in range(start)]
         known = fill[: start - 1].transpose(1, 2, 0)
         known = mx.concatenate([known, known], axis=0) if cfg else known
-        decoder(mx.concatenate([tokens[..., None], known], axis=-1), cross, cache, 0)
+        decoder(mx.concatenate([tokens[..., None], known], axis=-1), cross, cache, 0, prefix)
         tokens = mx.concatenate([outputs[-1]] * 2, axis=0) if cfg else outputs[-1]
         mx.eval(tokens, [(c.keys, c.values) for c in cache])
+    elif prefix is not None:  # prefill: the conditioning prefix
+        decoder(None, cross, cache, 0, prefix)
+        mx.eval([(c.keys, c.values) for c in cache])
     step_fn = decoder.token_step(cross, cache)  # compiled single-token step, parameters gathered
     show = max_steps - start >= 100 if progress is None else progress
     bar = tqdm(total=max_steps - start, unit="step", disable=not show, leave=False)
     try:
         for step in range(start, max_steps):
-            logits = step_fn(tokens, step)  # attention reads the filled part of the cache only
+            logits = step_fn(tokens, held + step)  # attention reads the filled cache only
             if cfg:
                 cond, uncond = logits[:batch], logits[batch:]
                 logits = uncond + (cond - uncond) * guidance_coef
@@ -223,6 +269,7 @@ def generate_long(
     window: int,
     stride: int,
     prompt: mx.array | None = None,
+    chroma: mx.array | Callable[[int], mx.array] | None = None,
     seed: int | None = None,
     progress: bool | None = None,
     callback: Callable[[int, int], None] | None = None,
@@ -234,6 +281,8 @@ def generate_long(
     starts `stride` frames later and continues the last window - stride frames generated so far with the
     same conditioning. Memory is bounded by the window; one progress bar and one callback stream
     (steps done, total steps) cover every window. Window i is seeded with seed + i * 0x9E3779B9.
+    Melody: `chroma` is the same for every window, or a function of the window's first frame giving
+    its chroma (audiocraft conditions each window on the melody's matching stretch).
     """
     delay = max(decoder.config.delays)
     start = 0 if prompt is None else prompt.shape[-1]
@@ -250,13 +299,14 @@ def generate_long(
             callback(done + n, total)
 
     try:
-        for i, (_, context, length) in enumerate(plan):
+        for i, (offset, context, length) in enumerate(plan):
             out = generate_tokens(
                 decoder,
                 encoder_states,
                 encoder_mask,
                 length - context + delay,
                 prompt=prompt,
+                chroma=chroma(offset) if callable(chroma) else chroma,
                 seed=None if seed is None else (seed + i * 0x9E3779B9) % 2**32,
                 progress=False,
                 callback=step,

@@ -1,4 +1,9 @@
-"""The MusicGen decoder (transformers' MusicgenForCausalLM plus `enc_to_dec_proj`) with a preallocated KV cache."""
+"""The MusicGen decoder (transformers' MusicgenForCausalLM plus `enc_to_dec_proj`) with a preallocated KV cache.
+
+The same module is MusicGen-Melody's decoder (MusicgenMelodyForCausalLM plus both projections): its
+layers have no cross-attention, and the conditioning (the melody's chroma, then the text) is a prefix
+of the decoder's own sequence (`conditioning_prefix`).
+"""
 
 from __future__ import annotations
 
@@ -38,6 +43,10 @@ class MusicgenDecoderConfig:
     encoder_hidden_size: int | None = (
         None  # width of the text encoder's states (composite config only)
     )
+    #: False for MusicGen-Melody: no cross-attention, the conditioning is prefixed to the sequence
+    cross_attention: bool = True
+    num_chroma: int | None = None  # Melody: chroma bins of the melody conditioning (12)
+    chroma_length: int | None = None  # Melody: chroma frames of the prefix (235, i.e. 30 s)
 
     @classmethod
     def from_dict(cls, d: dict) -> MusicgenDecoderConfig:
@@ -46,7 +55,13 @@ class MusicgenDecoderConfig:
             text = d.get("text_encoder") or {}
             sub = dict(d["decoder"])
             sub.setdefault("encoder_hidden_size", text.get("d_model", text.get("hidden_size")))
+            if d.get("model_type") == "musicgen_melody":
+                sub.update(
+                    num_chroma=d.get("num_chroma", 12), chroma_length=d.get("chroma_length", 235)
+                )
             d = sub
+        if d.get("model_type") == "musicgen_melody_decoder":
+            d = {**d, "cross_attention": False}
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -58,6 +73,17 @@ class MusicgenDecoderConfig:
             and self.encoder_hidden_size != self.hidden_size
             and self.cross_attention_hidden_size is None
         )
+
+    @property
+    def max_steps(self) -> int:
+        """The decoder positions a generation may use for audio (Melody: those the chroma leaves;
+        the text's positions come off this too)."""
+        return self.max_position_embeddings - (self.chroma_length or 0)
+
+    @property
+    def has_chroma_proj(self) -> bool:
+        """True for Melody when transformers projects the chroma (num_chroma != width)."""
+        return self.num_chroma is not None and self.num_chroma != self.hidden_size
 
     @property
     def delays(self) -> list[int]:
@@ -325,15 +351,16 @@ ACTIVATIONS = {
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: causal self-attention, cross-attention to the text, GELU feed-forward."""
+    """Pre-norm block: causal self-attention, cross-attention to the text (not in Melody), GELU feed-forward."""
 
     def __init__(self, config: MusicgenDecoderConfig):
         super().__init__()
         dims = config.hidden_size
         self.self_attn = Attention(dims, config.num_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(dims)
-        self.encoder_attn = Attention(dims, config.num_attention_heads)
-        self.encoder_attn_layer_norm = nn.LayerNorm(dims)
+        if config.cross_attention:
+            self.encoder_attn = Attention(dims, config.num_attention_heads)
+            self.encoder_attn_layer_norm = nn.LayerNorm(dims)
         self.fc1 = nn.Linear(dims, config.ffn_dim, bias=False)
         self.fc2 = nn.Linear(config.ffn_dim, dims, bias=False)
         self.final_layer_norm = nn.LayerNorm(dims)
@@ -341,7 +368,8 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x, mask, cross_kv, cross_mask, cache=None, offset=None) -> mx.array:
         x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache, offset)
-        x = x + self.encoder_attn.attend(self.encoder_attn_layer_norm(x), *cross_kv, cross_mask)
+        if cross_kv is not None:
+            x = x + self.encoder_attn.attend(self.encoder_attn_layer_norm(x), *cross_kv, cross_mask)
         return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
 
 
@@ -421,8 +449,9 @@ class TokenStep:
         )
         norm = partial(layer_norm, kernel=self.kernels and self.kernels.layer_norm)
         text_rows = rows if cross.has_text is None else _leading_true(cross.has_text.tolist())
-        text_len = cross.kv[0][0].shape[2]
-        if fold_cross is None:
+        text_rows = text_rows if cross.kv else 0  # Melody: no cross-attention
+        text_len = cross.kv[0][0].shape[2] if cross.kv else 0
+        if fold_cross is None and text_rows:
             e = decoder.layers[0].encoder_attn
             weights = _nbytes([e.q_proj.parameters(), e.out_proj.parameters()])
             fold_cross = text_rows * heads * text_len < weights / (2 * dims * decoder.dtype.size)
@@ -489,12 +518,15 @@ class TokenStep:
         if mask is None:
             mask = mx.ones((rows, 1, 1, text_len), dtype=mx.bool_)
         mask = mask[:text_rows]
+        text_kv = cross.kv or [None] * len(decoder.layers)
         self.cross = []
-        for layer, (k, v) in zip(decoder.layers, cross.kv, strict=True):
-            k, v = k[:text_rows], v[:text_rows]
+        for layer, kv in zip(decoder.layers, text_kv, strict=True):
             if not text_rows:
                 self.cross.append(())
-            elif self.fold_cross:
+                continue
+            k, v = kv
+            k, v = k[:text_rows], v[:text_rows]
+            if self.fold_cross:
                 folded = fold_cross_attention(layer.encoder_attn, k, v, quant)
                 self.cross.append((*folded, mask.reshape(text_rows, 1, text_len)))
             else:
@@ -506,13 +538,16 @@ class TokenStep:
         if self.kernels is not None:
             self.fused = [
                 self._fused_parameters(*layer)
-                for layer in zip(self.layers, self.cross, cross.kv, strict=True)
+                for layer in zip(self.layers, self.cross, text_kv, strict=True)
             ]
             mx.eval(self.fused)
 
-    def _fused_parameters(self, p: dict, cross: tuple, text_kv: tuple[mx.array, mx.array]) -> tuple:
+    def _fused_parameters(self, p: dict, cross: tuple, text_kv: tuple | None) -> tuple:
         """A layer's inputs to the fused kernels: attention_inputs' parameters, layer_rest's weights
-        and its cross-attention inputs (none, folded, or the projections with the text's K/V)."""
+        and its cross-attention inputs (none, folded, or the projections with the text's K/V).
+
+        A Melody layer has no cross-attention norm: layer_rest, which does not read it without text,
+        gets the final norm's parameters in its place."""
         a, e = p["self_attn"], p.get("encoder_attn")
         norm = p["self_attn_layer_norm"]
         inputs = (
@@ -520,7 +555,8 @@ class TokenStep:
             norm["bias"],
             *(a[n]["weight"] for n in ("q_proj", "k_proj", "v_proj")),
         )
-        text_norm, ffn_norm = p["encoder_attn_layer_norm"], p["final_layer_norm"]
+        ffn_norm = p["final_layer_norm"]
+        text_norm = p.get("encoder_attn_layer_norm", ffn_norm)
         weights = [
             a["out_proj"]["weight"],
             text_norm["weight"],
@@ -542,7 +578,7 @@ class TokenStep:
     def _step_parameters(self, layer: DecoderLayer) -> dict:
         """The parameters of `layer` a step reads (the text's keys/values are computed already)."""
         p = layer.parameters()
-        e = p.pop("encoder_attn")
+        e = p.pop("encoder_attn", None)
         if self.text_rows and not self.fold_cross:
             p["encoder_attn"] = {"q_proj": e["q_proj"], "out_proj": e["out_proj"]}
         return p
@@ -674,6 +710,8 @@ class MusicgenDecoder(nn.Module):
         self.lm_heads = [nn.Linear(dims, config.vocab_size, bias=False) for _ in range(k)]
         if config.has_enc_to_dec_proj:
             self.enc_to_dec_proj = nn.Linear(config.encoder_hidden_size, dims)
+        if config.has_chroma_proj:
+            self.audio_enc_to_dec_proj = nn.Linear(config.num_chroma, dims)
         self._positions = sinusoidal_positions(config.max_position_embeddings, dims)
         self.quant_bits: int | None = None  # set by quantize_decoder
         self.quant_group_size: int | None = None
@@ -696,11 +734,12 @@ class MusicgenDecoder(nn.Module):
         """Project the text states, zero the padding, and compute every layer's cross-attention K/V once.
 
         A row whose mask is all zeros (the unconditional half of classifier-free guidance) attends
-        uniformly to its zeroed states, giving exactly 0 like transformers (no NaN).
+        uniformly to its zeroed states, giving exactly 0 like transformers (no NaN). Melody has no
+        cross-attention: an empty state (its conditioning is `conditioning_prefix`).
         """
-        x = encoder_states.astype(self.dtype)
-        if "enc_to_dec_proj" in self:
-            x = self.enc_to_dec_proj(x)
+        if not self.config.cross_attention:
+            return CrossState([], None)
+        x = self._project_text(encoder_states)
         mask = has_text = None
         if encoder_mask is not None:
             keep = encoder_mask.astype(mx.bool_)
@@ -709,6 +748,34 @@ class MusicgenDecoder(nn.Module):
             mask = (keep | ~has_text[:, None])[:, None, None, :]
         kv = [layer.encoder_attn.key_values(x) for layer in self.layers]
         return CrossState(kv, mask, has_text)
+
+    def _project_text(self, encoder_states: mx.array) -> mx.array:
+        x = encoder_states.astype(self.dtype)
+        return self.enc_to_dec_proj(x) if "enc_to_dec_proj" in self else x
+
+    def conditioning_prefix(
+        self, encoder_states: mx.array | None, encoder_mask: mx.array | None, chroma: mx.array
+    ) -> mx.array:
+        """Melody's conditioning, the start of its decoder sequence (batch, chroma_length [+ len], dims).
+
+        As transformers: the chroma (batch, frames, num_chroma) projected and repeated or cut to
+        `chroma_length` frames, then the projected text states with padding zeroed (not masked: the
+        decoder attends to every prefix position). No text (None): the chroma alone.
+        """
+        c = self.config
+        x = chroma.astype(self.dtype)
+        if "audio_enc_to_dec_proj" in self:
+            x = self.audio_enc_to_dec_proj(x)
+        frames = x.shape[1]
+        if frames < c.chroma_length:
+            x = mx.tile(x, (1, -(-c.chroma_length // frames), 1))
+        parts = [x[:, : c.chroma_length]]
+        if encoder_states is not None:
+            text = self._project_text(encoder_states)
+            if encoder_mask is not None:
+                text = text * encoder_mask[..., None].astype(text.dtype)
+            parts.append(text)
+        return mx.concatenate(parts, axis=1)
 
     def make_cache(self, batch: int, max_len: int) -> list[KVCache]:
         """Fresh per-layer caches for `max_len` positions, in `kv_dtype` (None: the decoder's dtype)."""
@@ -748,19 +815,26 @@ class MusicgenDecoder(nn.Module):
 
     def __call__(
         self,
-        tokens: mx.array,
+        tokens: mx.array | None,
         cross: CrossState,
         cache: list[KVCache] | None = None,
         offset: int | mx.array = 0,
+        prefix: mx.array | None = None,
     ) -> mx.array:
         """Logits (batch, codebooks, len, vocab) for tokens (batch, codebooks, len) at positions offset..
 
         With a cache, an int offset attends over the filled positions only (the fast path); an int32
-        array offset of shape (1,) attends over the whole buffer with a mask.
+        array offset of shape (1,) attends over the whole buffer with a mask. `prefix` (batch, P,
+        dims): Melody's `conditioning_prefix`, placed before the tokens (None: the prefix alone, an
+        int offset); the logits then cover the prefix too, as transformers'.
         """
-        n = tokens.shape[-1]
+        if prefix is not None:
+            x = prefix if tokens is None else mx.concatenate([prefix, self.embed(tokens)], axis=1)
+        else:
+            x = self.embed(tokens)
+        n = x.shape[1]
         if isinstance(offset, int):
-            x = self.embed(tokens) + self._positions[offset : offset + n].astype(self.dtype)
+            x = x + self._positions[offset : offset + n].astype(self.dtype)
             if n == 1:
                 mask = None
             elif offset == 0:
@@ -769,7 +843,7 @@ class MusicgenDecoder(nn.Module):
                 mask = mx.arange(offset + n)[None, :] <= (offset + mx.arange(n))[:, None]
         else:
             positions = offset + mx.arange(n, dtype=mx.int32)
-            x = self.embed(tokens) + mx.take(self._positions, positions, axis=0).astype(self.dtype)
+            x = x + mx.take(self._positions, positions, axis=0).astype(self.dtype)
             mask = None
             if cache is not None:
                 mask = mx.arange(cache[0].max_len, dtype=mx.int32)[None, :] <= positions[:, None]
@@ -777,7 +851,8 @@ class MusicgenDecoder(nn.Module):
             mask = "causal" if n > 1 else None
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
-            x = layer(x, mask, cross.kv[i], cross.mask, layer_cache, offset)
+            text_kv = cross.kv[i] if cross.kv else None
+            x = layer(x, mask, text_kv, cross.mask, layer_cache, offset)
         x = self.layer_norm(x)
         return mx.stack([head(x) for head in self.lm_heads], axis=1)
 
@@ -802,7 +877,7 @@ class MusicgenDecoder(nn.Module):
         weights = {
             k[len("decoder.") :] if k.startswith("decoder.") else k: v
             for k, v in weights.items()
-            if k.startswith(("decoder.", "enc_to_dec_proj."))
+            if k.startswith(("decoder.", "enc_to_dec_proj.", "audio_enc_to_dec_proj."))
         }
         model = cls(config)
         model.load_weights(list(cls.sanitize(weights).items()))

@@ -7,8 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from encodec.encodec import EncodecConfig, EncodecModel
+from musicgen.chroma import chroma_features
 from musicgen.generate import generate_long, generate_tokens, steps_for_duration
 from musicgen.model import (
     MusicgenDecoder,
@@ -140,9 +142,15 @@ class MusicGen:
         return self.decoder.config.audio_channels
 
     @property
+    def is_melody(self) -> bool:
+        """True for MusicGen-Melody checkpoints (conditioned on a melody's chroma as well as text)."""
+        return not self.decoder.config.cross_attention
+
+    @property
     def max_steps(self) -> int:
-        """The most decoder steps one generation may take (the decoder's position table)."""
-        return self.decoder.config.max_position_embeddings
+        """The most decoder steps one generation may take (the decoder's position table, less
+        Melody's chroma prefix; a Melody prompt's text tokens take positions too)."""
+        return self.decoder.config.max_steps
 
     def steps_for(self, duration: float) -> int:
         """Decoder steps for `duration` seconds of audio."""
@@ -188,6 +196,42 @@ class MusicGen:
         b, k, frames = left.shape
         return mx.stack([left, right], axis=2).reshape(b, 2 * k, frames)
 
+    def encode_melody(self, melody, sampling_rate: int | None = None) -> mx.array:
+        """Melody audio -> one-hot chroma (batch, frames, 12) for a MusicGen-Melody model.
+
+        `melody` is (samples,), (samples, channels), (batch, samples, channels) or a list of clips
+        (a batch; shorter ones are zero-padded) at `sampling_rate` (default the model's); see
+        musicgen.chroma (transformers' MusicgenMelodyFeatureExtractor).
+        """
+        if not self.is_melody:
+            raise ValueError("this model takes no melody: use a MusicGen-Melody checkpoint")
+        if isinstance(melody, (list, tuple)):
+            clips = [_numpy(c) for c in melody]
+        else:
+            a = _numpy(melody)
+            clips = list(a) if a.ndim == 3 else a
+        rate = self.sampling_rate if sampling_rate is None else sampling_rate
+        return mx.array(chroma_features(clips, rate, num_chroma=self.decoder.config.num_chroma))
+
+    def _melody_windows(self, melody, sampling_rate: int | None, window: int):
+        """The chroma of each sliding window, by its first frame: the melody's matching stretch of
+        `window` frames, looped when shorter (audiocraft); the first window takes the melody as is."""
+        rate = self.sampling_rate if sampling_rate is None else sampling_rate
+        first = self.encode_melody(melody, rate)
+        clips = [_numpy(c) for c in melody] if isinstance(melody, (list, tuple)) else None
+        if clips is None:
+            a = _numpy(melody)
+            clips = list(a) if a.ndim == 3 else [a]
+
+        def chroma_at(offset: int) -> mx.array:
+            if offset == 0:
+                return first
+            start = round(offset / self.frame_rate * rate)
+            span = np.arange(start, start + round(window / self.frame_rate * rate))
+            return self.encode_melody([np.take(c, span, axis=0, mode="wrap") for c in clips], rate)
+
+        return chroma_at
+
     def generate_tokens(
         self,
         prompts: str | list[str | None] | None = None,
@@ -195,6 +239,8 @@ class MusicGen:
         *,
         duration: float | None = None,
         audio_prompt=None,
+        melody=None,
+        melody_sampling_rate: int | None = None,
         include_prompt: bool = True,
         extend_stride: float = 18.0,
         window_duration: float | None = None,
@@ -215,18 +261,17 @@ class MusicGen:
 
         `prompts` None or "" generates unconditionally (guidance off, as transformers). `audio_prompt`
         (see encode_audio) is continued; the result starts with its frames unless include_prompt=False.
+        `melody` (MusicGen-Melody only; see encode_melody) at `melody_sampling_rate` (default the
+        model's) conditions on its chroma, with or without text.
         """
         if max_steps is not None and duration is not None:
             raise ValueError("give max_steps or duration, not both")
         codes = None if audio_prompt is None else self.encode_audio(audio_prompt)
+        chroma = None if melody is None else self.encode_melody(melody, melody_sampling_rate)
         texts = [prompts] if prompts is None or isinstance(prompts, str) else list(prompts)
-        if codes is not None and len(texts) != codes.shape[0]:
-            if len(texts) == 1:
-                texts = texts * codes.shape[0]
-            elif codes.shape[0] == 1:
-                codes = mx.repeat(codes, len(texts), axis=0)
-            else:
-                raise ValueError(f"{len(texts)} prompts but {codes.shape[0]} audio prompts")
+        texts, codes = _same_batch(texts, codes, "audio prompts")
+        texts, chroma = _same_batch(texts, chroma, "melodies")
+        texts, codes = _same_batch(texts, codes, "audio prompts")  # again, after the melodies
         start = 0 if codes is None else codes.shape[-1]
         gc = self.generation_config
         sampling = {
@@ -235,9 +280,10 @@ class MusicGen:
             "temperature": gc["temperature"] if temperature is None else temperature,
             "guidance_coef": gc["guidance_coef"] if guidance_coef is None else guidance_coef,
         }
-        if all(not t for t in texts):
+        no_text = all(not t for t in texts)
+        if no_text and chroma is None:
             sampling["guidance_coef"] = 1.0  # both CFG halves would be the same unconditional rows
-        states, mask = self.encode_text(texts)
+        states, mask = self.encode_text(texts)  # no text: one zero state (transformers' too)
         delay = max(self.decoder.config.delays)
         if max_steps is None and duration is not None:
             frames = round(duration * self.frame_rate)
@@ -256,6 +302,9 @@ class MusicGen:
                     seed=seed,
                     progress=progress,
                     callback=callback,
+                    chroma=None
+                    if melody is None
+                    else self._melody_windows(melody, melody_sampling_rate, window),
                     **sampling,
                 )
                 return tokens if include_prompt else tokens[..., start:]
@@ -276,6 +325,7 @@ class MusicGen:
             seed=seed,
             progress=progress,
             callback=callback,
+            chroma=chroma,
             **sampling,
         )
         return tokens if include_prompt else tokens[..., start:]
@@ -312,3 +362,19 @@ class MusicGen:
         if audio_prompt is not None and getattr(audio_prompt, "ndim", 1) == 3:
             single = False
         return audio[0] if single else audio
+
+
+def _numpy(audio) -> np.ndarray:
+    return np.asarray(audio.astype(mx.float32) if isinstance(audio, mx.array) else audio)
+
+
+def _same_batch(texts: list, rows: mx.array | None, what: str) -> tuple[list, mx.array | None]:
+    """Prompts and per-row conditioning (audio prompts, melodies) brought to one batch size: one of
+    either is repeated to match the other's count."""
+    if rows is None or len(texts) == rows.shape[0]:
+        return texts, rows
+    if len(texts) == 1:
+        return texts * rows.shape[0], rows
+    if rows.shape[0] == 1:
+        return texts, mx.repeat(rows, len(texts), axis=0)
+    raise ValueError(f"{len(texts)} prompts but {rows.shape[0]} {what}")

@@ -40,8 +40,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("text_encoder", "audio_encoder", "decoder")
-SUPPORTED_MODEL_TYPES = ("musicgen",)
+SUPPORTED_MODEL_TYPES = ("musicgen", "musicgen_melody")
 SUB_MODEL_TYPES = {"text_encoder": "t5", "audio_encoder": "encodec", "decoder": "musicgen_decoder"}
+#: the decoder sub-config's model type for each supported composite model type
+DECODER_MODEL_TYPES = {"musicgen": "musicgen_decoder", "musicgen_melody": "musicgen_melody_decoder"}
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
     "spiece.model",
@@ -151,11 +153,12 @@ def load_config(folder: str | Path, model_types: tuple[str, ...] = SUPPORTED_MOD
             f"model type '{model_type}' is not supported yet (supported: {', '.join(model_types)})"
         )
     subs = []
-    if model_type == "musicgen":
-        for key, expected in SUB_MODEL_TYPES.items():
+    if model_type in DECODER_MODEL_TYPES:
+        expected_types = {**SUB_MODEL_TYPES, "decoder": DECODER_MODEL_TYPES[model_type]}
+        for key, expected in expected_types.items():
             sub = config.get(key)
             if not isinstance(sub, dict):
-                raise WeightsError(f"{path}: the musicgen config has no '{key}' sub-config")
+                raise WeightsError(f"{path}: the {model_type} config has no '{key}' sub-config")
             if sub.get("model_type", expected) != expected:
                 raise WeightsError(
                     f"{key} model type '{sub['model_type']}' is not supported (expected '{expected}')"
@@ -503,7 +506,7 @@ def _load_entry(entry: Path, verify: bool | None) -> tuple[dict, dict[str, dict[
 
 def _split(name: str) -> tuple[str | None, str]:
     """Hugging Face composite name -> (component, name inside it)."""
-    if name.startswith("enc_to_dec_proj."):
+    if name.startswith(("enc_to_dec_proj.", "audio_enc_to_dec_proj.")):
         return "decoder", name
     head, _, rest = name.partition(".")
     return (head, rest) if head in COMPONENTS else (None, name)

@@ -316,9 +316,15 @@ def test_load_config_old_and_new_and_unsupported(tmp_path):
     assert new["model_type"] == old["model_type"] == "musicgen"
     assert old["dtype"] == old["torch_dtype"] == "float16"
     assert old["decoder"]["num_codebooks"] == new["decoder"]["num_codebooks"] == 4
+    bark = json.loads((MONO / "config.json").read_text()) | {"model_type": "bark"}
+    (tmp_path / "config.json").write_text(json.dumps(bark))
+    msg = "model type 'bark' is not supported yet (supported: musicgen, musicgen_melody)"
+    with pytest.raises(W.WeightsError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        W.load_config(tmp_path)
+    # a melody composite must carry a melody decoder
     melody = json.loads((MONO / "config.json").read_text()) | {"model_type": "musicgen_melody"}
     (tmp_path / "config.json").write_text(json.dumps(melody))
-    msg = "model type 'musicgen_melody' is not supported yet (supported: musicgen)"
+    msg = "decoder model type 'musicgen_decoder' is not supported (expected 'musicgen_melody_decoder')"
     with pytest.raises(W.WeightsError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         W.load_config(tmp_path)
 

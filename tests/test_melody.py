@@ -1,0 +1,183 @@
+"""MusicGen-Melody: the checkpoint loads, logits and greedy tokens equal transformers', every mode runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import soxr
+from reference import melody_test_signal
+
+from musicgen import MusicGen, cpu_kernels
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EXPECTED = FIXTURES / "expected"
+MELODY = FIXTURES / "tiny-musicgen-melody"
+PROMPTS = json.loads((EXPECTED / "prompts.json").read_text())
+GREEDY = {"top_k": 1, "guidance_coef": 3.0, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def model() -> MusicGen:
+    return MusicGen.from_pretrained(MELODY, progress=False)
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return np.load(EXPECTED / "melody.npz")
+
+
+@pytest.fixture(params=[True, False], ids=["cpu kernels", "mlx operations"])
+def kernels(request, monkeypatch):
+    """Run on the fused CPU kernels (where they run) and on MLX's operations."""
+    if not request.param:
+        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    elif not cpu_kernels.wanted():
+        pytest.skip("the CPU kernels run on x86-64 Linux with AVX-512 only")
+    return request.param
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_checkpoint_loads_as_melody(model):
+    config = model.decoder_config
+    assert model.is_melody and not config.cross_attention
+    assert (config.num_chroma, config.chroma_length) == (12, 235)
+    assert model.max_steps == 2048 - 235
+    assert not hasattr(model.decoder.layers[0], "encoder_attn")
+    assert model.decoder.audio_enc_to_dec_proj.weight.shape == (16, 12)
+    assert model.decoder.enc_to_dec_proj.weight.shape == (16, 32)
+    mono = MusicGen.from_pretrained(FIXTURES / "tiny-musicgen", progress=False)
+    assert not mono.is_melody
+
+
+def test_teacher_forced_logits_match_transformers(model, expected):
+    """The prefix (chroma of two melodies, then padded text) and 8 tokens in one forward."""
+    ids, mask = mx.array(expected["batch_input_ids"]), mx.array(expected["batch_attention_mask"])
+    states = model.text_encoder(ids, mask)
+    prefix = model.decoder.conditioning_prefix(states, mask, mx.array(expected["chroma_batch"]))
+    assert prefix.shape == (2, 235 + ids.shape[1], 16)
+    tokens = mx.array(expected["decoder_input_ids"]).reshape(2, 4, -1)
+    logits = model.decoder(tokens, model.decoder.cross_states(None), None, 0, prefix)
+    assert logits.shape == (2, 4, prefix.shape[1] + 8, 2048)
+    ref = expected["logits"].reshape(2, 4, 8, 2048)
+    assert rel_err(logits[:, :, -8:], ref) <= 1e-5
+
+
+def test_greedy_text_and_melody_match_transformers(model, expected, kernels):
+    signal = melody_test_signal()
+    tokens = model.generate_tokens(PROMPTS[0], 40, melody=signal, **GREEDY)
+    np.testing.assert_array_equal(np.array(tokens), expected["text_melody_tokens"])
+    assert tokens.shape == (1, 4, 37)
+
+
+def test_greedy_text_alone_matches_transformers(model, expected, kernels):
+    tokens = model.generate_tokens(PROMPTS[0], 40, **GREEDY)
+    np.testing.assert_array_equal(np.array(tokens), expected["text_tokens"])
+
+
+def test_greedy_melody_alone_matches_transformers(model, expected, kernels):
+    """No text: one zero text state after the chroma, and guidance (melody vs no melody) stays on."""
+    tokens = model.generate_tokens(None, 40, melody=melody_test_signal(), **GREEDY)
+    np.testing.assert_array_equal(np.array(tokens), expected["melody_tokens"])
+
+
+def test_greedy_batch_with_two_melodies_matches_transformers(model, expected, kernels):
+    """Two padded prompts, two melodies of different lengths (the shorter zero-padded), 4 rows."""
+    signal = melody_test_signal()
+    tokens = model.generate_tokens(PROMPTS[:2], 40, melody=[signal, signal[:64000]], **GREEDY)
+    np.testing.assert_array_equal(np.array(tokens), expected["batch_tokens"])
+
+
+def test_audio_matches_transformers(model, expected):
+    audio = model.generate(PROMPTS[0], 40, melody=melody_test_signal(), **GREEDY)
+    assert audio.shape == (37 * 640, 1)
+    assert rel_err(audio[:, 0], expected["text_melody_audio"][0, 0]) <= 1e-4
+
+
+def test_melody_at_another_rate_and_in_stereo(model, expected):
+    """A 44.1 kHz stereo melody: resampled and mixed down, it gives the same chroma and tokens."""
+    signal = melody_test_signal()
+    stereo = soxr.resample(signal, 32000, 44100, quality="HQ")
+    stereo = np.stack([stereo, 0.5 * stereo], axis=1)
+    chroma = model.encode_melody(stereo, 44100)
+    np.testing.assert_array_equal(np.array(chroma), expected["chroma"])
+    tokens = model.generate_tokens(
+        PROMPTS[0], 40, melody=mx.array(stereo), melody_sampling_rate=44100, **GREEDY
+    )
+    np.testing.assert_array_equal(np.array(tokens), expected["text_melody_tokens"])
+
+
+def test_one_melody_for_several_prompts(model):
+    """One melody is shared by every prompt. transformers attends to the text padding (zeroed, not
+    masked), so only the longest prompt, which has no padding, equals itself generated alone."""
+    signal = melody_test_signal()
+    assert len(model.tokenizer.encode([PROMPTS[1]])[0][0]) > len(
+        model.tokenizer.encode([PROMPTS[0]])[0][0]
+    )
+    both = model.generate_tokens(PROMPTS[:2], 40, melody=signal, **GREEDY)
+    second = model.generate_tokens(PROMPTS[1], 40, melody=signal, **GREEDY)
+    assert both.shape == (2, 4, 37)
+    np.testing.assert_array_equal(np.array(both[1:]), np.array(second))
+
+
+def test_audio_prompt_with_melody(model):
+    """Continuing audio while following a melody: the prompt's frames come first, then the new ones."""
+    signal = melody_test_signal()
+    prompt = 0.3 * np.sin(np.arange(12800) * 2 * np.pi * 220 / 32000).astype(np.float32)
+    codes = model.encode_audio(prompt)
+    tokens = model.generate_tokens(PROMPTS[0], 20, audio_prompt=prompt, melody=signal, **GREEDY)
+    assert tokens.shape == (1, 4, 20 + 17)
+    np.testing.assert_array_equal(np.array(tokens[..., :20]), np.array(codes))
+    new = model.generate_tokens(
+        PROMPTS[0], 20, audio_prompt=prompt, melody=signal, include_prompt=False, **GREEDY
+    )
+    np.testing.assert_array_equal(np.array(new), np.array(tokens[..., 20:]))
+
+
+def test_long_generation_follows_the_melody_window_by_window(model):
+    """Beyond the window, each window is conditioned on the melody's matching stretch, looped."""
+    signal = melody_test_signal()  # 4 s
+    chroma_at = model._melody_windows(signal, 32000, window=1500)
+    np.testing.assert_array_equal(np.array(chroma_at(0)), np.array(model.encode_melody(signal)))
+    # window 2 of a 30 s window with an 18 s stride starts at 18 s: 2 s into the 4 s melody, looped
+    looped = np.resize(np.roll(signal, -64000), 30 * 32000)
+    np.testing.assert_array_equal(np.array(chroma_at(900)), np.array(model.encode_melody(looped)))
+    tokens = model.generate_tokens(
+        PROMPTS[0],
+        duration=1.0,
+        window_duration=0.5,
+        extend_stride=0.3,
+        melody=signal,
+        seed=3,
+        progress=False,
+    )
+    assert tokens.shape == (1, 4, 50)
+    again = model.generate_tokens(
+        PROMPTS[0],
+        duration=1.0,
+        window_duration=0.5,
+        extend_stride=0.3,
+        melody=signal,
+        seed=3,
+        progress=False,
+    )
+    np.testing.assert_array_equal(np.array(tokens), np.array(again))
+
+
+def test_melody_needs_a_melody_model():
+    mono = MusicGen.from_pretrained(FIXTURES / "tiny-musicgen", progress=False)
+    with pytest.raises(ValueError, match="takes no melody"):
+        mono.generate_tokens("x", 10, melody=melody_test_signal())
+
+
+def test_melody_batch_mismatch(model):
+    signal = melody_test_signal()
+    with pytest.raises(ValueError, match="3 prompts but 2 melodies"):
+        model.generate_tokens(["a", "b", "c"], 10, melody=[signal, signal])
