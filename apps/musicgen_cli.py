@@ -119,6 +119,12 @@ def generate_parser() -> Parser:
         help="an audio file to continue (any sample rate and channel count)",
     )
     g.add_argument(
+        "--melody",
+        metavar="FILE",
+        help="MusicGen-Melody models: an audio file whose melody (chroma) to follow, with or "
+        "without text (any sample rate and channel count; the first 30 s)",
+    )
+    g.add_argument(
         "--no-include-prompt",
         dest="include_prompt",
         action="store_false",
@@ -376,7 +382,7 @@ def check_numbers(args) -> None:
             raise UsageError(f"--extend-stride must be positive, got {args.extend_stride:g}")
     if not args.include_prompt and args.audio_prompt is None:
         raise UsageError("--no-include-prompt goes with --audio-prompt")
-    if args.unconditional and args.guidance is not None:
+    if args.unconditional and args.guidance is not None and args.melody is None:
         raise UsageError(
             "--guidance has no effect with --unconditional (there is no text to guide)"
         )
@@ -404,6 +410,7 @@ class Limits:
     sampling_rate: int
     hop: int  # audio samples per frame
     window: int  # frames of the model's window (generation_config max_length): 30 s
+    melody: bool | None = None  # a MusicGen-Melody model (None: not known before loading)
 
     @property
     def delay(self) -> int:
@@ -428,11 +435,12 @@ def config_limits(config: dict, max_length: int | None) -> Limits:
     window = int((max_length or DEFAULT_MAX_LENGTH) / rate * rate)  # as MusicGen.generate_tokens
     return Limits(
         max(decoder.delays) + 1,
-        decoder.max_position_embeddings,
+        decoder.max_steps,
         rate,
         codec.sampling_rate,
         codec.hop_length,
         window,
+        not decoder.cross_attention,
     )
 
 
@@ -444,6 +452,7 @@ def model_limits(model) -> Limits:
         model.sampling_rate,
         model.audio_encoder.hop_length,
         int(model.max_duration * model.frame_rate),
+        model.is_melody,
     )
 
 
@@ -559,25 +568,45 @@ def plan_length(args, lim: Limits, prompt_frames: int = 0) -> Plan:
     return Plan(steps, steps, steps - lim.delay, 1)
 
 
-def check_audio_prompt(path: str) -> dict:
+def check_audio_file(path: str, option: str = "--audio-prompt") -> dict:
     """A readable, non-empty audio file (cheap: header only): its rate, channels and length."""
     import soundfile as sf
 
     if not Path(path).is_file():
         what = "is a folder" if Path(path).is_dir() else "does not exist"
-        raise UsageError(f"--audio-prompt {path} {what}")
+        raise UsageError(f"{option} {path} {what}")
     try:
         info = sf.info(path)
     except (OSError, RuntimeError, sf.LibsndfileError) as e:
-        raise UsageError(f"cannot read --audio-prompt {path}: {reason(e)}") from None
+        raise UsageError(f"cannot read {option} {path}: {reason(e)}") from None
     if info.frames <= 0:
-        raise UsageError(f"--audio-prompt {path} is empty")
+        raise UsageError(f"{option} {path} is empty")
     return {
         "file": path,
         "sample_rate": info.samplerate,
         "channels": info.channels,
         "duration_s": round(info.frames / info.samplerate, 6),
     }
+
+
+def check_melody_model(lim: Limits) -> None:
+    """--melody goes with a MusicGen-Melody model (unknown before loading a repo not in the cache)."""
+    if lim.melody is False:
+        raise CliError(
+            "--melody needs a MusicGen-Melody model (such as facebook/musicgen-melody); "
+            "this one has no melody conditioning"
+        )
+
+
+def load_melody(path: str, lim: Limits):
+    """The --melody file at the model's rate."""
+    from musicgen.audio import load_audio
+
+    check_melody_model(lim)
+    try:
+        return load_audio(path, lim.sampling_rate)[0]
+    except (OSError, RuntimeError) as e:
+        raise UsageError(f"cannot read --melody {path}: {reason(e)}") from None
 
 
 def load_prompt_audio(path: str, lim: Limits):
@@ -831,7 +860,8 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
     args = generate_parser().parse_args(argv)
     prompts = read_prompts(args)
     check_numbers(args)
-    prompt_info = None if args.audio_prompt is None else check_audio_prompt(args.audio_prompt)
+    prompt_info = None if args.audio_prompt is None else check_audio_file(args.audio_prompt)
+    melody_info = None if args.melody is None else check_audio_file(args.melody, "--melody")
     job = check_output(args, prompts)
     limit = MAX_RATES.get(job.ext.lower())
     if args.sample_rate and limit and args.sample_rate > limit:
@@ -849,10 +879,13 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
     if args.audio_prompt is not None:
         audio_prompt, prompt_frames = load_prompt_audio(args.audio_prompt, lim)
     plan_length(args, lim, prompt_frames)
+    if args.melody is not None:
+        check_melody_model(lim)
     model = load_model(args)
     if model.sampling_rate != lim.sampling_rate and args.audio_prompt is not None:
         audio_prompt, prompt_frames = load_prompt_audio(args.audio_prompt, model_limits(model))
     plan = plan_length(args, model_limits(model), prompt_frames)
+    melody = None if args.melody is None else load_melody(args.melody, model_limits(model))
     load_s = time.perf_counter() - t0
 
     import mlx.core as mx
@@ -869,14 +902,15 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
         "top_k": gc["top_k"] if args.top_k is None else args.top_k,
         "top_p": gc["top_p"] if args.top_p is None else args.top_p,
         "temperature": gc["temperature"] if args.temperature is None else args.temperature,
-        # unconditional: no text to guide, so MusicGen turns guidance off
+        # unconditional: no text to guide (nor a melody), so MusicGen turns guidance off
         "guidance": None
-        if args.unconditional
+        if args.unconditional and melody is None
         else gc["guidance_coef"]
         if args.guidance is None
         else args.guidance,
         "seed": seed,
         "unconditional": args.unconditional,
+        "melody": melody_info,
         "audio_prompt": None
         if prompt_info is None
         else {**prompt_info, "frames": prompt_frames, "included": args.include_prompt},
@@ -899,6 +933,7 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
             plan.max_steps,
             duration=args.duration if plan.max_steps is None else None,
             audio_prompt=audio_prompt,
+            melody=melody,
             include_prompt=args.include_prompt,
             extend_stride=stride,
             top_k=params["top_k"],

@@ -20,6 +20,7 @@ from apps import huge_pages
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "tiny-musicgen"
 STEREO = REPO / "tests" / "fixtures" / "tiny-musicgen-stereo"
+MELODY = REPO / "tests" / "fixtures" / "tiny-musicgen-melody"
 HOP = 640  # audio samples per frame (32 kHz, 50 frames a second)
 
 
@@ -344,6 +345,36 @@ def test_stereo_model(cli):
     assert (meta["channels"], meta["frames"], meta["samples"]) == (2, 37, 37 * HOP)
 
 
+def test_melody_model(cli):
+    """--melody on a MusicGen-Melody model: with text, alone (guided), and beyond the window."""
+    write_prompt_wav(cli.work / "tune.wav", seconds=2, rate=44_100)
+    common = ["--model", MELODY, "--melody", "tune.wav", "--seed", 2]
+    assert_ok(cli(*common, "--prompt", "synth pop", "--max-steps", 40, "-o", "pop.wav"))
+    assert sf.info(cli.work / "pop.wav").frames == 37 * HOP
+    meta = json.loads((cli.work / "pop.wav.json").read_text())
+    assert meta["melody"] == {
+        "file": "tune.wav", "sample_rate": 44100, "channels": 2, "duration_s": 2.0,
+    }  # fmt: skip
+    assert meta["guidance"] == 3.0 and meta["audio_prompt"] is None
+    r = cli(*common, "--unconditional", "--guidance", 2, "--max-steps", 20, "-o", "tune-only.wav")
+    assert_ok(r)
+    meta = json.loads((cli.work / "tune-only.wav.json").read_text())
+    assert meta["prompt"] is None and meta["guidance"] == 2.0
+    assert sf.info(cli.work / "tune-only.wav").frames == 17 * HOP
+    assert_ok(cli(*common, "--prompt", "x", "--duration", 40, "-q", "-o", "long.wav"))
+    assert sf.info(cli.work / "long.wav").frames == 40 * 50 * HOP
+    assert json.loads((cli.work / "long.wav.json").read_text())["windows"] == 2
+
+
+def test_melody_needs_a_melody_model(cli):
+    write_prompt_wav(cli.work / "tune.wav")
+    before = files(cli.work)
+    r = cli("--prompt", "x", "--model", TINY, "--melody", "tune.wav", "--max-steps", 10)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert "--melody needs a MusicGen-Melody model" in r.stderr
+    assert files(cli.work) == before
+
+
 @pytest.mark.skipif(sys.platform == "darwin", reason="Linux player lookup")
 def test_play(cli, tmp_path):
     bin_dir = tmp_path / "bin"
@@ -371,7 +402,7 @@ def broken_checkpoint(tmp_path: Path, how: str) -> Path:
     shutil.copytree(TINY, folder)
     if how == "model-type":
         config = json.loads((folder / "config.json").read_text())
-        config["model_type"] = "musicgen_melody"
+        config["model_type"] = "bark"
         (folder / "config.json").write_text(json.dumps(config))
     else:  # a truncated weights file
         weights = folder / "model.safetensors"
@@ -407,6 +438,11 @@ BAD = {
     "drop prompt without audio": (["--prompt", "x", "--no-include-prompt"], "--audio-prompt"),
     "missing audio prompt": (["--prompt", "x", "--audio-prompt", "nope.wav"], "does not exist"),
     "audio prompt not audio": (["--prompt", "x", "--audio-prompt", "blank.txt"], "cannot read"),
+    "missing melody": (
+        ["--prompt", "x", "--melody", "nope.wav"],
+        "--melody nope.wav does not exist",
+    ),
+    "melody not audio": (["--prompt", "x", "--melody", "blank.txt"], "cannot read --melody"),
     "audio prompt too long for steps": (
         ["--prompt", "x", "--audio-prompt", "riff.wav", "--max-steps", "2030"],
         "at most 2023 for this model after the 0.5 s audio prompt",
@@ -472,7 +508,7 @@ def test_bad_model(cli, tmp_path, case):
             "facebook/musicgen small",
             "neither a local folder nor a Hugging Face repo id",
         ),
-        "model type": (broken_checkpoint(tmp_path, "model-type"), "musicgen_melody"),
+        "model type": (broken_checkpoint(tmp_path, "model-type"), "model type 'bark'"),
         "corrupt weights": (broken_checkpoint(tmp_path, "truncated"), "corrupt or truncated"),
         "a file": (TINY / "config.json", "is a file"),
     }[case]
