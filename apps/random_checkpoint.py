@@ -179,14 +179,16 @@ def encodec_specs(c: dict) -> list[Spec]:
     return specs
 
 
-def decoder_specs(c: dict, text_dim: int) -> list[Spec]:
-    """MusicGen decoder tensors (`decoder.` prefix) and the top-level `enc_to_dec_proj`."""
+def decoder_specs(c: dict, text_dim: int, num_chroma: int | None = None) -> list[Spec]:
+    """MusicGen decoder tensors (`decoder.` prefix) and the top-level `enc_to_dec_proj`; with
+    `num_chroma`, MusicGen-Melody's (no cross-attention, and `audio_enc_to_dec_proj`)."""
     d, ff, k, vocab = c["hidden_size"], c["ffn_dim"], c["num_codebooks"], c["vocab_size"]
     pre = "decoder.model.decoder"
     specs = [(f"{pre}.embed_tokens.{q}.weight", (vocab + 1, d), "normal", 0.5) for q in range(k)]
+    attentions = ("self_attn",) if num_chroma else ("self_attn", "encoder_attn")
     for i in range(c["num_hidden_layers"]):
         p = f"{pre}.layers.{i}"
-        for attn in ("self_attn", "encoder_attn"):
+        for attn in attentions:
             specs += [linear(f"{p}.{attn}.{x}_proj.weight", d, d) for x in ("k", "v", "q", "out")]
             specs += layer_norm(f"{p}.{attn}_layer_norm", d)
         specs += [linear(f"{p}.fc1.weight", ff, d), linear(f"{p}.fc2.weight", d, ff)]
@@ -198,6 +200,11 @@ def decoder_specs(c: dict, text_dim: int) -> list[Spec]:
             linear("enc_to_dec_proj.weight", d, text_dim),
             ("enc_to_dec_proj.bias", (d,), "normal", 0.02),
         ]
+    if num_chroma and num_chroma != d:
+        specs += [
+            linear("audio_enc_to_dec_proj.weight", d, num_chroma),
+            ("audio_enc_to_dec_proj.bias", (d,), "normal", 0.02),
+        ]
     return specs
 
 
@@ -206,7 +213,11 @@ def tensor_specs(config: dict) -> list[Spec]:
     return (
         t5_specs(config["text_encoder"])
         + encodec_specs(config["audio_encoder"])
-        + decoder_specs(config["decoder"], config["text_encoder"]["d_model"])
+        + decoder_specs(
+            config["decoder"],
+            config["text_encoder"]["d_model"],
+            config.get("num_chroma") if config.get("model_type") == "musicgen_melody" else None,
+        )
     )
 
 

@@ -6,7 +6,8 @@ Runs in the interpreter given to the benchmark (a venv with torch and transforme
 
 Prints one line `RESULT {json}`: load time, T5 time, per-step timestamps, EnCodec decode time, end-to-end
 times and the process's peak RSS. Batch 1, classifier-free guidance 3, top-k 250 sampling, float32,
-`torch.set_flush_denormal(True)`, as many threads as cores.
+`torch.set_flush_denormal(True)`, as many threads as cores. A MusicGen-Melody checkpoint runs as
+MusicgenMelodyForConditionalGeneration on the text alone (its default "no melody" chroma).
 """
 
 from __future__ import annotations
@@ -23,13 +24,20 @@ def main() -> None:
     args = json.loads(sys.argv[1])
     import torch
     import transformers
-    from transformers import MusicgenForConditionalGeneration, StoppingCriteria
+    from transformers import (
+        MusicgenForConditionalGeneration,
+        MusicgenMelodyForConditionalGeneration,
+        StoppingCriteria,
+    )
 
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.get("threads") or os.cpu_count())
     torch.manual_seed(args.get("seed", 0))
     t = time.perf_counter()
-    model = MusicgenForConditionalGeneration.from_pretrained(args["model"], dtype=torch.float32)
+    with open(os.path.join(args["model"], "config.json")) as f:
+        melody = json.load(f).get("model_type") == "musicgen_melody"
+    kind = MusicgenMelodyForConditionalGeneration if melody else MusicgenForConditionalGeneration
+    model = kind.from_pretrained(args["model"], dtype=torch.float32)
     model.eval()
     load_s = time.perf_counter() - t
     ids = torch.tensor(args["input_ids"])

@@ -46,13 +46,25 @@ def tiny_checkpoint(tmp_path_factory, tiny_config) -> Path:
 
 
 def test_published_shapes_ship_with_the_package():
-    assert {"small", "medium", "large", "stereo-small", "stereo-medium", "stereo-large"} <= set(
-        shapes()
-    )
+    published = {
+        "small",
+        "medium",
+        "large",
+        "melody",
+        "stereo-small",
+        "stereo-medium",
+        "stereo-large",
+    }
+    assert published <= set(shapes())
     small = shape_config("small")
     assert small["decoder"]["hidden_size"] == 1024 and small["decoder"]["num_hidden_layers"] == 24
     # parameters of the published musicgen-small (T5 embedding stored once, as save_pretrained does)
     assert sum(int(np.prod(s[1])) for s in tensor_specs(small)) == 588_990_022
+    # musicgen-melody: no cross-attention, a chroma projection (transformers' count, T5 embedding once)
+    melody = shape_config("melody")
+    assert sum(int(np.prod(s[1])) for s in tensor_specs(melody)) == 1_554_244_166
+    names = {s[0] for s in tensor_specs(melody)}
+    assert "audio_enc_to_dec_proj.weight" in names and not any("encoder_attn" in n for n in names)
     with pytest.raises(ValueError, match="unknown shape"):
         shape_config("huge")
 
@@ -75,6 +87,16 @@ def test_names_and_shapes_match_a_transformers_checkpoint(tiny_checkpoint):
     assert index["metadata"]["total_size"] == 4 * sum(int(np.prod(s)) for s in got.values())
     for name in ("config.json", "generation_config.json", "spiece.model"):
         assert (tiny_checkpoint / name).is_file()
+
+
+def test_melody_names_and_shapes_match_a_transformers_checkpoint(tmp_path):
+    melody = Path(__file__).parent / "fixtures" / "tiny-musicgen-melody"
+    write_checkpoint("tiny", tmp_path, config=json.loads((melody / "config.json").read_text()))
+    expected = safetensors_header(melody / "model.safetensors")
+    got = safetensors_header(tmp_path / "model.safetensors")
+    assert {k: v["shape"] for k, v in got.items() if k != "__metadata__"} == {
+        k: v["shape"] for k, v in expected.items() if k != "__metadata__"
+    }
 
 
 def test_values_are_sensible(tiny_checkpoint):
