@@ -75,7 +75,9 @@ Expected outputs, in expected/ (all arrays float32 or int32; prompts in expected
                melody_expected). Teacher-forced: decoder_input_ids (2*4, 8) (first column bos 2048) and logits
                (2*4, 8, 2048) for the padded pair + chroma_batch; transformers' melody logits cover the
                conditioning prefix (chroma_length 235 + text length 23) then the decoder tokens: these are the
-               last 8 positions of its 266.
+               last 8 positions of its 266. continuation_tokens (1, 4, 42): PROMPTS[0] + chroma continuing
+               continuation.npz's prompt_audio (its 25 EnCodec frames as decoder_input_ids; transformers
+               prepends bos), max_new_tokens=20, the prompt frames included.
 - tensors-bf16.npz: expected float32 values of tensors-bf16.bin (keys a, b, c).
 """
 
@@ -446,6 +448,14 @@ def melody_expected(
     logits = melody(**pair, input_features=batch_features, decoder_input_ids=dec_ids).logits
     out["decoder_input_ids"] = dec_ids.to(torch.int32).numpy()
     out["logits"] = logits[:, -dec_ids.shape[1] :].numpy()
+
+    # audio-prompt continuation: the prompt's codes as decoder_input_ids (the same prompt as continuation.npz)
+    t = torch.arange(16000, dtype=torch.float64) / 32000
+    prompt_audio = (0.5 * torch.sin(2 * torch.pi * 440 * t) * torch.exp(-3 * t)).float()[None, None]
+    codes = melody.audio_encoder.encode(prompt_audio).audio_codes[0]
+    out["continuation_tokens"], _ = greedy(
+        melody, 20, input_features=features, decoder_input_ids=codes.reshape(4, -1), **single
+    )
     return out
 
 

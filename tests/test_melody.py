@@ -127,18 +127,18 @@ def test_one_melody_for_several_prompts(model):
     np.testing.assert_array_equal(np.array(both[1:]), np.array(second))
 
 
-def test_audio_prompt_with_melody(model):
-    """Continuing audio while following a melody: the prompt's frames come first, then the new ones."""
+def test_audio_prompt_with_melody_matches_transformers(model, expected, kernels):
+    """Continuing audio while following a melody: the prefix, bos and the delayed prompt in one
+    prefill, then the new steps; the prompt's frames come first (transformers' decoder_input_ids)."""
+    prompt = np.load(EXPECTED / "continuation.npz")["prompt_audio"][0, 0]  # 25 frames
     signal = melody_test_signal()
-    prompt = 0.3 * np.sin(np.arange(12800) * 2 * np.pi * 220 / 32000).astype(np.float32)
-    codes = model.encode_audio(prompt)
     tokens = model.generate_tokens(PROMPTS[0], 20, audio_prompt=prompt, melody=signal, **GREEDY)
-    assert tokens.shape == (1, 4, 20 + 17)
-    np.testing.assert_array_equal(np.array(tokens[..., :20]), np.array(codes))
+    np.testing.assert_array_equal(np.array(tokens), expected["continuation_tokens"])
+    assert tokens.shape == (1, 4, 25 + 17)
     new = model.generate_tokens(
         PROMPTS[0], 20, audio_prompt=prompt, melody=signal, include_prompt=False, **GREEDY
     )
-    np.testing.assert_array_equal(np.array(new), np.array(tokens[..., 20:]))
+    np.testing.assert_array_equal(np.array(new), np.array(tokens[..., 25:]))
 
 
 def test_long_generation_follows_the_melody_window_by_window(model):
