@@ -356,6 +356,17 @@ def generation_config(model: MusicgenForConditionalGeneration) -> None:
     gc.decoder_start_token_id = 2048
 
 
+def with_mono_codecs(model, mono, gen: torch.Generator):
+    """`model` in eval mode with random fp16-exact weights, then the mono model's T5 and EnCodec."""
+    model.eval()
+    randomize(model, gen)
+    model.text_encoder.load_state_dict(mono.text_encoder.state_dict())
+    model.audio_encoder.load_state_dict(mono.audio_encoder.state_dict())
+    fp16_exact(model)
+    generation_config(model)
+    return model
+
+
 def greedy(model, max_new_tokens: int, **inputs):
     """transformers' greedy CFG generation; returns (tokens (b, k, frames), audio (b, c, samples))."""
     captured = []
@@ -523,12 +534,7 @@ def build(out: Path) -> None:
     encodec.save_pretrained(out / "tiny-encodec")
 
     # stereo: same T5/EnCodec, its own decoder; fp16-exact values saved as an fp16 .bin
-    stereo = MusicgenForConditionalGeneration(configs(stereo=True)).eval()
-    randomize(stereo, gen)
-    stereo.text_encoder.load_state_dict(mono.text_encoder.state_dict())
-    stereo.audio_encoder.load_state_dict(mono.audio_encoder.state_dict())
-    fp16_exact(stereo)
-    generation_config(stereo)
+    stereo = with_mono_codecs(MusicgenForConditionalGeneration(configs(stereo=True)), mono, gen)
     stereo_dir = out / "tiny-musicgen-stereo"
     stereo.save_pretrained(stereo_dir)
     (stereo_dir / "model.safetensors").unlink()
@@ -621,12 +627,7 @@ def build(out: Path) -> None:
 
     # melody: same T5/EnCodec, its own decoder and chroma projection; fp16-exact values saved as fp16
     # safetensors (last, so that every earlier draw from `gen` and so every earlier file stays as it was)
-    melody = MusicgenMelodyForConditionalGeneration(melody_config()).eval()
-    randomize(melody, gen)
-    melody.text_encoder.load_state_dict(mono.text_encoder.state_dict())
-    melody.audio_encoder.load_state_dict(mono.audio_encoder.state_dict())
-    fp16_exact(melody)
-    generation_config(melody)
+    melody = with_mono_codecs(MusicgenMelodyForConditionalGeneration(melody_config()), mono, gen)
     melody_dir = out / "tiny-musicgen-melody"
     melody.save_pretrained(melody_dir)
     weights = melody_dir / "model.safetensors"

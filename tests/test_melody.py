@@ -12,6 +12,7 @@ import soxr
 from reference import melody_test_signal
 
 from musicgen import MusicGen, cpu_kernels
+from musicgen.generate import generate_long
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXPECTED = FIXTURES / "expected"
@@ -149,26 +150,23 @@ def test_long_generation_follows_the_melody_window_by_window(model):
     # window 2 of a 30 s window with an 18 s stride starts at 18 s: 2 s into the 4 s melody, looped
     looped = np.resize(np.roll(signal, -64000), 30 * 32000)
     np.testing.assert_array_equal(np.array(chroma_at(900)), np.array(model.encode_melody(looped)))
-    tokens = model.generate_tokens(
-        PROMPTS[0],
-        duration=1.0,
-        window_duration=0.5,
-        extend_stride=0.3,
-        melody=signal,
-        seed=3,
-        progress=False,
-    )
+    windows = {"window_duration": 0.5, "extend_stride": 0.3, "seed": 3, "progress": False}
+    tokens = model.generate_tokens(PROMPTS[0], duration=1.0, melody=signal, **windows)
     assert tokens.shape == (1, 4, 50)
-    again = model.generate_tokens(
-        PROMPTS[0],
-        duration=1.0,
-        window_duration=0.5,
-        extend_stride=0.3,
-        melody=signal,
-        seed=3,
-        progress=False,
-    )
+    again = model.generate_tokens(PROMPTS[0], duration=1.0, melody=signal, **windows)
     np.testing.assert_array_equal(np.array(tokens), np.array(again))
+    # each window asks for the chroma at its first frame
+    asked = []
+
+    def chroma_for(offset: int) -> mx.array:
+        asked.append(offset)
+        return chroma_at(offset)
+
+    states, mask = model.encode_text([PROMPTS[0]])
+    out = generate_long(
+        model.decoder, states, mask, 50, window=25, stride=15, chroma=chroma_for, seed=3, top_k=5
+    )
+    assert out.shape == (1, 4, 50) and asked == [0, 15, 30]
 
 
 def test_melody_needs_a_melody_model():
