@@ -106,6 +106,8 @@ def melody_prefix(
     """Melody's conditioning prefix for the rows (and, with `cfg`, their unconditional rows: zero
     text, null chroma of the same length). No chroma: the null chroma of one frame (transformers)."""
     c = decoder.config
+    if encoder_states is None and chroma is None:
+        raise ValueError("a Melody model is conditioned on text states, a chroma or both")
     batch = encoder_states.shape[0] if encoder_states is not None else chroma.shape[0]
     null = null_chroma(batch, 1 if chroma is None else chroma.shape[1], c.num_chroma)
     chroma = null if chroma is None else chroma.astype(mx.float32)
@@ -197,9 +199,8 @@ def generate_tokens(
 
     tokens = mx.full((rows, k), config.bos_token_id, dtype=mx.int32)  # the next step's input
     outputs = []
-    if (
-        start
-    ):  # prefill: [prefix], bos and the delayed prompt up to position start - 1, in one forward
+    if start:
+        # prefill: [the prefix,] bos and the delayed prompt up to position start - 1, in one forward
         outputs = [fill[s] for s in range(start)]
         known = fill[: start - 1].transpose(1, 2, 0)
         known = mx.concatenate([known, known], axis=0) if cfg else known

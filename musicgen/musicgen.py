@@ -205,23 +205,19 @@ class MusicGen:
         """
         if not self.is_melody:
             raise ValueError("this model takes no melody: use a MusicGen-Melody checkpoint")
-        if isinstance(melody, (list, tuple)):
-            clips = [_numpy(c) for c in melody]
-        else:
-            a = _numpy(melody)
-            clips = list(a) if a.ndim == 3 else a
         rate = self.sampling_rate if sampling_rate is None else sampling_rate
+        clips = _clips(melody)
         return mx.array(chroma_features(clips, rate, num_chroma=self.decoder.config.num_chroma))
 
-    def _melody_windows(self, melody, sampling_rate: int | None, window: int):
+    def _melody_windows(
+        self, melody, sampling_rate: int | None, window: int, first: mx.array | None = None
+    ):
         """The chroma of each sliding window, by its first frame: the melody's matching stretch of
-        `window` frames, looped when shorter (audiocraft); the first window takes the melody as is."""
+        `window` frames, looped when shorter (audiocraft); the first window takes the melody as is
+        (`first`: its chroma, when computed already)."""
         rate = self.sampling_rate if sampling_rate is None else sampling_rate
-        first = self.encode_melody(melody, rate)
-        clips = [_numpy(c) for c in melody] if isinstance(melody, (list, tuple)) else None
-        if clips is None:
-            a = _numpy(melody)
-            clips = list(a) if a.ndim == 3 else [a]
+        first = self.encode_melody(melody, rate) if first is None else first
+        clips = _clips(melody)
 
         def chroma_at(offset: int) -> mx.array:
             if offset == 0:
@@ -304,7 +300,7 @@ class MusicGen:
                     callback=callback,
                     chroma=None
                     if melody is None
-                    else self._melody_windows(melody, melody_sampling_rate, window),
+                    else self._melody_windows(melody, melody_sampling_rate, window, chroma),
                     **sampling,
                 )
                 return tokens if include_prompt else tokens[..., start:]
@@ -366,6 +362,14 @@ class MusicGen:
 
 def _numpy(audio) -> np.ndarray:
     return np.asarray(audio.astype(mx.float32) if isinstance(audio, mx.array) else audio)
+
+
+def _clips(audio) -> list[np.ndarray]:
+    """A clip, a (batch, samples, channels) array or a list of clips -> a list of numpy clips."""
+    if isinstance(audio, (list, tuple)):
+        return [_numpy(c) for c in audio]
+    a = _numpy(audio)
+    return list(a) if a.ndim == 3 else [a]
 
 
 def _same_batch(texts: list, rows: mx.array | None, what: str) -> tuple[list, mx.array | None]:
