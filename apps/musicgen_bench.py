@@ -157,7 +157,7 @@ def paired_roofline(
         return {}
     decoder = model.decoder
     step = guided_step(model, prompt, max(positions.values()) + steps + 1)
-    held = held_positions(model, prompt)
+    held = model.prefix_positions(prompt)
     positions = {name: held + position for name, position in positions.items()}
     cache = step.cache
     w, x = mx.random.normal((n, n)), mx.random.normal((n,))
@@ -197,26 +197,19 @@ def paired_roofline(
 
 def guided_step(model, prompt: str, positions: int):
     """The generation step of `prompt` with classifier-free guidance, over a cache of `positions`
-    (for Melody, after its conditioning prefix: see `held_positions`)."""
+    (for Melody, after its conditioning prefix: `MusicGen.prefix_positions`)."""
     from musicgen.generate import with_unconditional_rows
 
     decoder = model.decoder
     cross = decoder.cross_states(*with_unconditional_rows(*model.encode_text([prompt])))
-    cache = decoder.make_cache(2, held_positions(model, prompt) + positions)
+    cache = decoder.make_cache(2, model.prefix_positions(prompt) + positions)
     return decoder.token_step(cross, cache)
-
-
-def held_positions(model, prompt: str) -> int:
-    """Positions before the first token: Melody's conditioning prefix (chroma, then text), else 0."""
-    if not model.is_melody:
-        return 0
-    return model.decoder.config.chroma_length + model.tokenizer.encode([prompt])[0].shape[1]
 
 
 def step_bytes(model, prompt: str, positions: dict[str, int]) -> dict:
     """Bytes the generation step reads at each position (weights, text tensors, self-attention K/V),
     counted by the step itself for this prompt with classifier-free guidance."""
-    step, held = guided_step(model, prompt, 1), held_positions(model, prompt)
+    step, held = guided_step(model, prompt, 1), model.prefix_positions(prompt)
     return {name: step.bytes_per_step(held + position) for name, position in positions.items()}
 
 

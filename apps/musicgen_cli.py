@@ -444,10 +444,12 @@ def config_limits(config: dict, max_length: int | None) -> Limits:
     )
 
 
-def model_limits(model) -> Limits:
+def model_limits(model, prompts: list[str | None] | None = None) -> Limits:
+    """The loaded model's Limits; with `prompts`, less the positions Melody's conditioning takes."""
+    positions = model.decoder_config.max_position_embeddings
     return Limits(
         max(model.decoder_config.delays) + 1,
-        model.max_steps,
+        model.max_steps if prompts is None else positions - model.prefix_positions(prompts),
         model.frame_rate,
         model.sampling_rate,
         model.audio_encoder.hop_length,
@@ -884,7 +886,7 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
     model = load_model(args)
     if model.sampling_rate != lim.sampling_rate and args.audio_prompt is not None:
         audio_prompt, prompt_frames = load_prompt_audio(args.audio_prompt, model_limits(model))
-    plan = plan_length(args, model_limits(model), prompt_frames)
+    plan = plan_length(args, model_limits(model, prompts), prompt_frames)
     melody = None if args.melody is None else load_melody(args.melody, model_limits(model))
     load_s = time.perf_counter() - t0
 

@@ -152,6 +152,17 @@ class MusicGen:
         Melody's chroma prefix; a Melody prompt's text tokens take positions too)."""
         return self.decoder.config.max_steps
 
+    def prefix_positions(self, prompts: str | list[str | None] | None) -> int:
+        """Decoder positions Melody's conditioning takes before the first token for these prompts
+        (chroma_length + their padded text length; 0 for MusicGen)."""
+        if not self.is_melody:
+            return 0
+        texts = [prompts] if prompts is None or isinstance(prompts, str) else list(prompts)
+        if all(not t for t in texts):
+            return self.decoder.config.chroma_length + 1  # one zero text state
+        ids, _ = self.tokenizer.encode([t or "" for t in texts])
+        return self.decoder.config.chroma_length + ids.shape[1]
+
     def steps_for(self, duration: float) -> int:
         """Decoder steps for `duration` seconds of audio."""
         return steps_for_duration(duration, self.frame_rate, self.decoder.config.delays)
@@ -281,12 +292,13 @@ class MusicGen:
             sampling["guidance_coef"] = 1.0  # both CFG halves would be the same unconditional rows
         states, mask = self.encode_text(texts)  # no text: one zero state (transformers' too)
         delay = max(self.decoder.config.delays)
+        limit = self.decoder.config.max_position_embeddings - self.prefix_positions(texts)
         if max_steps is None and duration is not None:
             frames = round(duration * self.frame_rate)
             window = int((window_duration or self.max_duration) * self.frame_rate)
             if start + frames > window:
-                if window + delay > self.max_steps:
-                    raise ValueError(f"a window of {window} frames exceeds {self.max_steps} steps")
+                if window + delay > limit:
+                    raise ValueError(f"a window of {window} frames exceeds {limit} steps")
                 tokens = generate_long(
                     self.decoder,
                     states,
@@ -307,10 +319,10 @@ class MusicGen:
             max_steps = frames + delay
         elif max_steps is None:
             max_steps = gc.get("max_length", 1500) - 1 - start
-        if start + max_steps > self.max_steps:
+        if start + max_steps > limit:
             raise ValueError(
                 f"prompt + max_steps = {start + max_steps} exceeds the model's maximum "
-                f"{self.max_steps} steps: give `duration` for longer music (sliding window)"
+                f"{limit} steps: give `duration` for longer music (sliding window)"
             )
         tokens = generate_tokens(
             self.decoder,

@@ -366,6 +366,15 @@ def test_melody_model(cli):
     assert json.loads((cli.work / "long.wav.json").read_text())["windows"] == 2
 
 
+def test_melody_steps_limit_counts_the_prefix(cli):
+    """After loading, a Melody pass gets the positions its prefix (235 chroma + 3 text) leaves."""
+    r = cli("--prompt", "x", "--model", MELODY, "--max-steps", 1811)
+    assert r.returncode == 2 and "--max-steps must be at most 1810 for this model" in r.stderr, (
+        r.stderr
+    )
+    assert r.stderr.strip().splitlines()[-1].startswith("musicgen-cli: error: ")
+
+
 def test_melody_needs_a_melody_model(cli):
     write_prompt_wav(cli.work / "tune.wav")
     before = files(cli.work)

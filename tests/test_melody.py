@@ -55,7 +55,7 @@ def test_checkpoint_loads_as_melody(model):
     assert model.decoder.audio_enc_to_dec_proj.weight.shape == (16, 12)
     assert model.decoder.enc_to_dec_proj.weight.shape == (16, 32)
     mono = MusicGen.from_pretrained(FIXTURES / "tiny-musicgen", progress=False)
-    assert not mono.is_melody
+    assert not mono.is_melody and mono.prefix_positions("x") == 0
 
 
 def test_teacher_forced_logits_match_transformers(model, expected):
@@ -167,6 +167,15 @@ def test_long_generation_follows_the_melody_window_by_window(model):
         model.decoder, states, mask, 50, window=25, stride=15, chroma=chroma_for, seed=3, top_k=5
     )
     assert out.shape == (1, 4, 50) and asked == [0, 15, 30]
+
+
+def test_positions_left_after_the_prefix(model):
+    """The prefix takes 235 chroma frames + the padded text; a pass gets the positions left over."""
+    assert model.prefix_positions(PROMPTS[0]) == 235 + 9
+    assert model.prefix_positions(PROMPTS[:2]) == 235 + 23
+    assert model.prefix_positions(None) == 235 + 1
+    with pytest.raises(ValueError, match="exceeds the model's maximum 1804 steps"):
+        model.generate_tokens(PROMPTS[0], 2048 - 244 + 1, **GREEDY)
 
 
 def test_melody_needs_a_melody_model():
