@@ -31,6 +31,24 @@ def default_dtype() -> mx.Dtype:
     return mx.float16 if mx.default_device() == mx.gpu else mx.float32
 
 
+#: transformers' MusicgenMelodyFeatureExtractor defaults (the published preprocessor_config.json's values)
+CHROMA_DEFAULTS = {"n_fft": 16384, "hop_length": 4096, "sampling_rate": 32000, "chunk_length": 30}
+
+
+def read_chroma_config(folder: Path | None = None) -> dict:
+    """Melody's chroma settings (chroma_features' keywords) from a checkpoint's preprocessor_config.json;
+    transformers' defaults where it or a value is missing."""
+    path = None if folder is None else folder / "preprocessor_config.json"
+    pre = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    c = {k: pre.get(k, v) for k, v in CHROMA_DEFAULTS.items()}
+    return {
+        "n_fft": int(c["n_fft"]),
+        "hop_length": int(c["hop_length"]),
+        "target_rate": int(c["sampling_rate"]),
+        "max_seconds": float(c["chunk_length"]),
+    }
+
+
 def read_generation_config(folder: Path) -> dict:
     """Sampling defaults from generation_config.json (top_k, top_p, temperature, guidance, max_length)."""
     out = dict(GENERATION_DEFAULTS)
@@ -64,6 +82,7 @@ class MusicGen:
         decoder: MusicgenDecoder,
         audio_encoder: EncodecModel,
         generation_config: dict | None = None,
+        chroma_config: dict | None = None,
     ):
         self.config = config
         self.tokenizer = tokenizer
@@ -71,6 +90,7 @@ class MusicGen:
         self.decoder = decoder
         self.audio_encoder = audio_encoder
         self.generation_config = {**GENERATION_DEFAULTS, **(generation_config or {})}
+        self.chroma_config = chroma_config or read_chroma_config()
 
     @classmethod
     def from_pretrained(
@@ -118,7 +138,13 @@ class MusicGen:
         decoder.kv_dtype = kv_dtype
         mx.eval(text_encoder.parameters(), audio_encoder.parameters(), decoder.parameters())
         return cls(
-            config, tokenizer, text_encoder, decoder, audio_encoder, read_generation_config(folder)
+            config,
+            tokenizer,
+            text_encoder,
+            decoder,
+            audio_encoder,
+            read_generation_config(folder),
+            read_chroma_config(folder) if decoder.config.num_chroma else None,
         )
 
     @property
@@ -218,7 +244,8 @@ class MusicGen:
             raise ValueError("this model takes no melody: use a MusicGen-Melody checkpoint")
         rate = self.sampling_rate if sampling_rate is None else sampling_rate
         clips = _clips(melody)
-        return mx.array(chroma_features(clips, rate, num_chroma=self.decoder.config.num_chroma))
+        num_chroma = self.decoder.config.num_chroma
+        return mx.array(chroma_features(clips, rate, num_chroma=num_chroma, **self.chroma_config))
 
     def _melody_windows(
         self, melody, sampling_rate: int | None, window: int, first: mx.array | None = None

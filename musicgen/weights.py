@@ -44,7 +44,8 @@ SUPPORTED_MODEL_TYPES = ("musicgen", "musicgen_melody")
 SUB_MODEL_TYPES = {"text_encoder": "t5", "audio_encoder": "encodec", "decoder": "musicgen_decoder"}
 #: the decoder sub-config's model type for each supported composite model type
 DECODER_MODEL_TYPES = {"musicgen": "musicgen_decoder", "musicgen_melody": "musicgen_melody_decoder"}
-CONFIG_FILES = ("config.json", "generation_config.json")
+# preprocessor_config.json: MusicGen-Melody's chroma settings (transformers' feature extractor)
+CONFIG_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = (
     "spiece.model",
     "tokenizer.json",

@@ -31,7 +31,8 @@ Checkpoints (Hugging Face layout), all sharing one set of T5 and EnCodec weights
 - tiny-musicgen-melody/  MusicgenMelodyForConditionalGeneration (a decoder the size of the mono one, without
                          cross-attention; num_chroma 12, chroma_length 235, enc_to_dec_proj and
                          audio_enc_to_dec_proj), transformers-5 names, fp16 model.safetensors (fp16-exact values;
-                         the reference ran in fp32), spiece.model + tokenizer_config.json.
+                         the reference ran in fp32), spiece.model + tokenizer_config.json, and the feature
+                         extractor's preprocessor_config.json (its defaults, the published values).
 - tiny-t5/               standalone T5EncoderModel (the same text-encoder weights) + spiece.model.
 - tiny-encodec/          standalone EncodecModel (the same audio-encoder weights).
 - tensors-bf16.bin       a torch.save'd dict with bf16, fp16 and a strided fp32 view (for the .bin reader).
@@ -637,6 +638,9 @@ def build(out: Path) -> None:
     (melody_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in ("spiece.model", "tokenizer_config.json"):
         shutil.copy(mono_dir / name, melody_dir / name)
+    MusicgenMelodyFeatureExtractor().save_pretrained(
+        melody_dir
+    )  # the chroma settings, as published
     with torch.no_grad():
         np.savez(expected / "melody.npz", **melody_expected(melody, tokenizer, gen))
 

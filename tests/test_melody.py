@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,6 +13,7 @@ import soxr
 from reference import melody_test_signal
 
 from musicgen import MusicGen, cpu_kernels
+from musicgen.chroma import chroma_features
 from musicgen.generate import generate_long
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -167,6 +169,23 @@ def test_long_generation_follows_the_melody_window_by_window(model):
         model.decoder, states, mask, 50, window=25, stride=15, chroma=chroma_for, seed=3, top_k=5
     )
     assert out.shape == (1, 4, 50) and asked == [0, 15, 30]
+
+
+def test_chroma_settings_come_from_the_checkpoint(model, tmp_path):
+    """preprocessor_config.json (transformers' feature extractor settings) sets the chroma's STFT."""
+    assert model.chroma_config == {
+        "n_fft": 16384, "hop_length": 4096, "target_rate": 32000, "max_seconds": 30.0,
+    }  # fmt: skip
+    folder = tmp_path / "melody"
+    shutil.copytree(MELODY, folder)
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    pre.update(hop_length=2048, chunk_length=2)
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    other = MusicGen.from_pretrained(folder, progress=False)
+    chroma = other.encode_melody(melody_test_signal())  # 2 s kept, a frame every 2048 samples
+    assert chroma.shape == (1, 1 + 64000 // 2048, 12)
+    ref = chroma_features(melody_test_signal()[:64000], 32000, hop_length=2048)
+    np.testing.assert_array_equal(np.array(chroma), ref)
 
 
 def test_positions_left_after_the_prefix(model):
