@@ -28,7 +28,7 @@ import numpy as np
 
 from apps import musicgen_bench
 from musicgen import MusicGen
-from musicgen.generate import build_delay_pattern, with_unconditional_rows
+from musicgen.generate import build_delay_pattern, melody_prefix, with_unconditional_rows
 from musicgen.weights import WeightsError
 
 PROMPT = "80s pop track with bassy drums and synth"
@@ -51,8 +51,13 @@ def load(model: str, option: str) -> MusicGen:
 def teacher_forced_logits(model: MusicGen, prompt: str, tokens: mx.array) -> np.ndarray:
     """Logits (2 CFG rows, codebooks, positions, vocab) in float32 of `tokens` (1, codebooks, positions)."""
     decoder = model.decoder
-    cross = decoder.cross_states(*with_unconditional_rows(*model.encode_text([prompt])))
-    logits = decoder(mx.concatenate([tokens, tokens]), cross)
+    states, mask = model.encode_text([prompt])
+    rows = mx.concatenate([tokens, tokens])
+    if model.is_melody:  # the conditioning prefix (no melody) first; keep the tokens' logits
+        prefix = melody_prefix(decoder, states, mask, None, cfg=True)
+        logits = decoder(rows, decoder.cross_states(None), None, 0, prefix)[:, :, prefix.shape[1] :]
+    else:
+        logits = decoder(rows, decoder.cross_states(*with_unconditional_rows(states, mask)))
     return np.array(logits.astype(mx.float32))
 
 

@@ -247,10 +247,12 @@ def precision_accuracy(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
-def test_precision_accuracy_script_on_tiny_fixture():
+@pytest.mark.parametrize("name", ["tiny-musicgen", "tiny-musicgen-melody"])
+def test_precision_accuracy_script_on_tiny_fixture(name):
     frames = 20
+    fixture = TINY.parent / name
     r = precision_accuracy(
-        "--model", str(TINY), "--options", "float32", "float16", "--frames", str(frames), "--json"
+        "--model", str(fixture), "--options", "float32", "float16", "--frames", str(frames), "--json"
     )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
