@@ -3,7 +3,7 @@
     uv run python scripts/make_random_checkpoint.py --shape small --out DIR [--dtype float32|float16]
         [--format safetensors|bin] [--shard-size 5GB] [--seed 0]
 
-Shapes: the published configs in musicgen/shapes/ (small, medium, large, stereo-small, stereo-medium,
+Shapes: the published configs in musicgen/shapes/ (small, medium, large, melody, stereo-small, stereo-medium,
 stereo-large). The implementation is apps/random_checkpoint.py (musicgen-bench uses it too).
 """
 
