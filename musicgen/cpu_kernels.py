@@ -1,7 +1,7 @@
 """The decoder step's fused CPU kernels (csrc/cpu_kernels.cpp), compiled on first use.
 
-On an x86-64 Linux CPU with AVX-512, the generation step (1 to 4 rows: classifier-free guidance's
-pair for one or two prompts) runs each decoder layer as two MLX C++ primitives around its cache write
+On an x86-64 Linux CPU with AVX-512, the generation step (1 to MAX_ROWS = 8 rows: classifier-free
+guidance's pair for one to four prompts) runs each decoder layer as two MLX C++ primitives around its cache write
 instead of about 25 of MLX's operations, and its LM heads and final layer norm on the same products:
 each weight is read once for all rows, the self-attention is one pass per head (both split over two
 cores inside the primitive), and a layer norm is one operation instead of five (see
@@ -37,6 +37,7 @@ from musicgen import _blas
 
 logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+MAX_ROWS = 8  # the rows a step may have on the kernels (csrc/cpu_kernels.cpp's MAX_ROWS)
 
 
 def wanted() -> bool:

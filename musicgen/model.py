@@ -389,7 +389,7 @@ class TokenStep:
     generation (see `fold_cross_attention`), so a step reads two small per-row matrices instead
     of two width x width weights.
 
-    On an x86-64 CPU with AVX-512 (float32, <= 4 rows, GELU), each layer runs as two fused CPU
+    On an x86-64 CPU with AVX-512 (float32, <= 8 rows, GELU), each layer runs as two fused CPU
     kernels around its cache write (`kernels`, see musicgen.cpu_kernels and `_fused_layers`), and
     the LM heads and final layer norm on the kernels' products: at ~100 / ~750 / ~1450 positions
     28.7-31.0 / 31.6-34.3 / 35.2-42.8 ms against 44.8-45.2 / 53.2-55.1 / 60.1-61.3 ms on MLX's
@@ -422,7 +422,7 @@ class TokenStep:
         on_cpu = mx.default_device() == mx.cpu
         fits_kernels = (
             on_cpu
-            and rows <= 4
+            and rows <= cpu_kernels.MAX_ROWS
             and c.activation_function == "gelu"
             and decoder.dtype == mx.float32
             and cache[0].keys.dtype in (mx.float32, mx.float16)
@@ -431,7 +431,8 @@ class TokenStep:
         self.kernels = cpu_kernels.load() if fits_kernels and kernels is not False else None
         if kernels and self.kernels is None:
             raise ValueError(
-                "the CPU kernels need a float32, unquantized CPU step of <= 4 rows with GELU"
+                f"the CPU kernels need a float32, unquantized CPU step of <= {cpu_kernels.MAX_ROWS} "
+                "rows with GELU"
             )
         if self.kernels is not None:
             weight_first, small_product, split_products = False, 0, False

@@ -252,7 +252,14 @@ def test_precision_accuracy_script_on_tiny_fixture(name):
     frames = 20
     fixture = TINY.parent / name
     r = precision_accuracy(
-        "--model", str(fixture), "--options", "float32", "float16", "--frames", str(frames), "--json"
+        "--model",
+        str(fixture),
+        "--options",
+        "float32",
+        "float16",
+        "--frames",
+        str(frames),
+        "--json",
     )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)

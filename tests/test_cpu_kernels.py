@@ -23,8 +23,9 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-# (rows, out, in): both row counts; out not a multiple of 4 (the one-row tail) and in not a multiple
-# of 16 (the masked tail); large enough (out x in >= 2^16) to split over the helper thread
+# (rows, out, in): every row count (1-4: four weight rows at a time; 5-8: three); out not a multiple
+# of 4 or 3 (the one- or two-row tail) and in not a multiple of 16 (the masked tail); large enough (out x in
+# >= 2^16) to split over the helper thread
 @pytest.mark.parametrize(
     "shape",
     [
@@ -36,6 +37,10 @@ def rel_err(a, b) -> float:
         (1, 1027, 1000),
         (2, 2048, 1024),
         (4, 1027, 1000),
+        (5, 37, 40),
+        (6, 2048, 1024),
+        (7, 21, 33),
+        (8, 1027, 1000),
     ],
 )
 def test_few_row_product_is_x_times_w_transposed(kernels, shape):
@@ -64,8 +69,8 @@ def test_few_row_product_takes_batched_rows_and_views(kernels):
 
 def test_few_row_product_rejects_what_it_does_not_run(kernels):
     w = mx.zeros((8, 16))
-    with pytest.raises(ValueError, match="at most 4 rows"):
-        kernels.few_row_product(mx.zeros((5, 16)), w)
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        kernels.few_row_product(mx.zeros((9, 16)), w)
     with pytest.raises(ValueError, match="float32"):
         kernels.few_row_product(mx.zeros((2, 16), mx.float16), w)
     with pytest.raises(ValueError, match="float32"):
@@ -73,9 +78,9 @@ def test_few_row_product_rejects_what_it_does_not_run(kernels):
 
 
 def test_attention_inputs_are_the_normed_projections(kernels):
-    """Layer norm then the scaled queries, the keys and the values, for 1 and 2 rows (a width not a
+    """Layer norm then the scaled queries, the keys and the values, for 1 to 8 rows (a width not a
     multiple of 16, and one large enough to split over the helper thread)."""
-    for rows, d in [(1, 40), (2, 40), (3, 40), (2, 1024), (4, 1024)]:
+    for rows, d in [(1, 40), (2, 40), (3, 40), (2, 1024), (4, 1024), (6, 40), (8, 1024)]:
         keys = mx.random.split(mx.random.key(d + rows), 4)
         x = mx.random.normal((rows, d), key=keys[0])
         weight, bias = mx.random.normal((2, d), key=keys[1]) * 0.5 + 1.0
@@ -148,7 +153,8 @@ def random_layer(rows, heads, head_dim, length, kv_dtype, text, text_rows, seed)
 # (rows, heads, length, head_dim, text rows): one position; lengths past a vector's 16 (masked
 # tail); head_dim 8 (the tiny fixture), 64 (MusicGen) and 72 (a masked tail); the long cache, split
 # over the helper thread; the text for one row of two (classifier-free guidance) or both, two of
-# four (two prompts with guidance), three of three
+# four (two prompts with guidance), three of three, three of six and four of eight (three and four
+# prompts with guidance)
 @pytest.mark.parametrize("kv_dtype", [mx.float32, mx.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("text", ["none", "folded", "projected"])
 @pytest.mark.parametrize(
@@ -161,6 +167,8 @@ def random_layer(rows, heads, head_dim, length, kv_dtype, text, text_rows, seed)
         (2, 16, 1450, 64, 2),
         (4, 4, 30, 16, 2),
         (3, 2, 19, 8, 3),
+        (6, 4, 40, 64, 3),
+        (8, 16, 300, 64, 4),
     ],
 )
 def test_layer_rest_is_the_decoder_layer(kernels, shape, text, kv_dtype):
@@ -220,8 +228,8 @@ def test_self_attention_of_large_scores(kernels):
 def test_the_layer_kernels_reject_what_they_do_not_run(kernels):
     x, qkv, keys, values, weights, cross = random_layer(2, 2, 8, 5, mx.float32, "folded", 1, 0)
     norm = weights[1:3]
-    with pytest.raises(ValueError, match="rows <= 4"):
-        kernels.attention_inputs(mx.zeros((5, 16)), *norm, *[weights[0]] * 3, 1.0, 1e-5)
+    with pytest.raises(ValueError, match="rows <= 8"):
+        kernels.attention_inputs(mx.zeros((9, 16)), *norm, *[weights[0]] * 3, 1.0, 1e-5)
     with pytest.raises(ValueError, match="float32 x"):
         kernels.attention_inputs(x.astype(mx.float16), *norm, *[weights[0]] * 3, 1.0, 1e-5)
     run = kernels.layer_rest

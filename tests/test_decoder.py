@@ -151,8 +151,17 @@ def test_token_step_with_cpu_kernels_matches_full_forward(mono, teacher_forced, 
     tokens4 = mx.concatenate([tokens4, tokens4])
     four = token_step_logits(mono, tokens4, cross4, fold, None, None, None, True)
     assert rel_err(four, np.array(mono(tokens4, cross4))) <= 1e-5
-    with pytest.raises(ValueError, match="CPU kernels"):  # 6 rows: batch 3 with guidance
-        mono.token_step(cross, mono.make_cache(6, 1), kernels=True)
+    # a batch of 3 with guidance (6 rows: two weight rows at a time in the products)
+    states3, mask3 = mx.concatenate([states, states[:1]]), mx.concatenate([mask, mask[:1]])
+    cross6 = mono.cross_states(
+        mx.concatenate([states3, mx.zeros_like(states3)]),
+        mx.concatenate([mask3, mx.zeros_like(mask3)]),
+    )
+    tokens6 = mx.concatenate([tokens4[:2], tokens4[:1]] * 2)
+    six = token_step_logits(mono, tokens6, cross6, fold, None, None, None, True)
+    assert rel_err(six, np.array(mono(tokens6, cross6))) <= 1e-5
+    with pytest.raises(ValueError, match="CPU kernels"):  # 10 rows: batch 5 with guidance
+        mono.token_step(cross, mono.make_cache(10, 1), kernels=True)
 
 
 def test_token_step_over_a_float16_cache(mono, teacher_forced):

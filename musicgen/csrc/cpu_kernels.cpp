@@ -5,11 +5,11 @@
 //   norm, then the queries, keys and values. layer_rest: the self-attention over the cache (scores,
 //   softmax and weighted sum in one pass per head; a float16 cache is widened in registers), the
 //   output projection, the cross-attention to the text, the GELU feed-forward, the residuals.
-// - few_row_product(x, w): x (..., k) @ W^T for W (n, k) and 1 to 4 rows of x (the LM heads).
+// - few_row_product(x, w): x (..., k) @ W^T for W (n, k) and 1 to 8 rows of x (the LM heads).
 // - layer_norm(x, weight, bias, eps): one operation, where MLX's CPU backend runs five.
 //
-// Every weight product reads W once for all its rows (1 to 4: classifier-free guidance's pair for
-// one or two prompts), four of W's rows at a time, where OpenBLAS packs W for a few-row product
+// Every weight product reads W once for all its rows (1 to 8: classifier-free guidance's pair for
+// one to four prompts), four (three, for more than 4 rows) of W's rows at a time, where OpenBLAS packs W for a few-row product
 // (sgemm) or runs its small-matrix path on one thread. Products and attention split their work with a helper thread that spins briefly
 // between jobs: two cores on one MLX stream, joined in microseconds (a join between two MLX streams
 // costs tens). Compiled on first use by musicgen/cpu_kernels.py.
@@ -185,34 +185,38 @@ class CpuPrimitive : public mx::UnaryPrimitive {
 
 // ------------------------------------------------------------------------------- few_row_product
 
-// acc[r][i] += W[i] . x[r] over the 16 (or, not FULL, `count`) floats at column c of four weight rows
+// acc[r][i] += W[i] . x[r] over the 16 (or, not FULL, `count`) floats at column c of B weight rows
 // (w0, w0 + k, ...) and M rows of x: each weight vector is loaded once for every row of x.
-template <int M, bool FULL>
-inline void four_rows_at(const float* x, const float* w0, int k, int c, int count,
-                         __m512 (&acc)[M][4]) {
-  __m512 v[4];
-  for (int i = 0; i < 4; i++)
+template <int M, int B, bool FULL>
+inline void weight_rows_at(const float* x, const float* w0, int k, int c, int count,
+                           __m512 (&acc)[M][B]) {
+  __m512 v[B];
+  for (int i = 0; i < B; i++)
     v[i] = FULL ? _mm512_loadu_ps(w0 + i * k + c) : load_part(w0 + i * k + c, count);
   for (int r = 0; r < M; r++) {
     __m512 u = FULL ? _mm512_loadu_ps(x + r * k + c) : load_part(x + r * k + c, count);
-    for (int i = 0; i < 4; i++) acc[r][i] = _mm512_fmadd_ps(v[i], u, acc[r][i]);
+    for (int i = 0; i < B; i++) acc[r][i] = _mm512_fmadd_ps(v[i], u, acc[r][i]);
   }
 }
 
-// y[r * n + j] = x[r] . W[j] for rows r < M (1 to 4) and weight rows j in [j0, j1).
+// y[r * n + j] = x[r] . W[j] for rows r < M (1 to 8) and weight rows j in [j0, j1): four weight rows
+// at a time for up to 4 rows of x, three for more (the M x B accumulators, B weight vectors and one
+// of x fit the 32 vector registers: at 8 rows 28). Three against two at 6 / 8 rows: 58-59 against
+// 61-64 / 65 against 75-79 ms a musicgen-small step at ~100 positions.
 template <int M>
 void few_rows(const float* x, const float* w, float* y, int n, int k, int j0, int j1) {
+  constexpr int B = M <= 4 ? 4 : 3;
   const int body = k / LANES * LANES, tail = k - body;
   int j = j0;
-  for (; j + 4 <= j1; j += 4) {
+  for (; j + B <= j1; j += B) {
     const float* w0 = w + static_cast<size_t>(j) * k;
-    __m512 acc[M][4];
+    __m512 acc[M][B];
     for (auto& row : acc)
       for (auto& a : row) a = _mm512_setzero_ps();
-    for (int c = 0; c < body; c += LANES) four_rows_at<M, true>(x, w0, k, c, LANES, acc);
-    if (tail) four_rows_at<M, false>(x, w0, k, body, tail, acc);
+    for (int c = 0; c < body; c += LANES) weight_rows_at<M, B, true>(x, w0, k, c, LANES, acc);
+    if (tail) weight_rows_at<M, B, false>(x, w0, k, body, tail, acc);
     for (int r = 0; r < M; r++)
-      for (int i = 0; i < 4; i++) y[r * n + j + i] = _mm512_reduce_add_ps(acc[r][i]);
+      for (int i = 0; i < B; i++) y[r * n + j + i] = _mm512_reduce_add_ps(acc[r][i]);
   }
   for (; j < j1; j++)
     for (int r = 0; r < M; r++) {
@@ -225,8 +229,8 @@ void few_rows(const float* x, const float* w, float* y, int n, int k, int j0, in
     }
 }
 
-// The rows one weight product takes: classifier-free guidance's pair for up to two prompts.
-constexpr int MAX_ROWS = 4;
+// The rows one weight product takes: classifier-free guidance's pair for up to four prompts.
+constexpr int MAX_ROWS = 8;
 
 // Runs few_rows<rows> (rows 1 to MAX_ROWS).
 inline void few_rows_of(int rows, const float* x, const float* w, float* y, int n, int k, int j0,
@@ -235,7 +239,11 @@ inline void few_rows_of(int rows, const float* x, const float* w, float* y, int 
     case 1: return few_rows<1>(x, w, y, n, k, j0, j1);
     case 2: return few_rows<2>(x, w, y, n, k, j0, j1);
     case 3: return few_rows<3>(x, w, y, n, k, j0, j1);
-    default: return few_rows<4>(x, w, y, n, k, j0, j1);
+    case 4: return few_rows<4>(x, w, y, n, k, j0, j1);
+    case 5: return few_rows<5>(x, w, y, n, k, j0, j1);
+    case 6: return few_rows<6>(x, w, y, n, k, j0, j1);
+    case 7: return few_rows<7>(x, w, y, n, k, j0, j1);
+    default: return few_rows<8>(x, w, y, n, k, j0, j1);
   }
 }
 
@@ -268,7 +276,7 @@ mx::array few_row_product(const mx::array& x, const mx::array& w) {
       x.shape(-1) != w.shape(1))
     throw std::invalid_argument("few_row_product: float32 x (..., k) and W (n, k)");
   if (x.size() / x.shape(-1) > MAX_ROWS)
-    throw std::invalid_argument("few_row_product: at most 4 rows");
+    throw std::invalid_argument("few_row_product: at most 8 rows");
   auto stream = mx::default_stream(mx::Device::cpu);
   auto shape = x.shape();
   shape.back() = w.shape(0);
@@ -618,7 +626,7 @@ mx::array attention_inputs(const mx::array& x, const mx::array& norm_weight,
   check(x.dtype() == mx::float32 && d > 0 && x.shape(0) <= MAX_ROWS && is_vector(norm_weight, d) &&
             is_vector(norm_bias, d) && is_matrix(q_proj, d, d) && is_matrix(k_proj, d, d) &&
             is_matrix(v_proj, d, d),
-        "attention_inputs: float32 x (rows <= 4, d), layer norm (d,) x 2, projections (d, d) x 3");
+        "attention_inputs: float32 x (rows <= 8, d), layer norm (d,) x 2, projections (d, d) x 3");
   auto stream = mx::default_stream(mx::Device::cpu);
   return mx::array({3, x.shape(0), d}, mx::float32,
                    std::make_shared<AttentionInputs>(stream, scale, eps),
@@ -630,7 +638,7 @@ mx::array layer_rest(const mx::array& x, const mx::array& qkv, const mx::array& 
                      const std::vector<mx::array>& cross, int heads, int text_rows, float scale,
                      float eps) {
   const char* usage =
-      "layer_rest: float32 x (rows <= 4, d), qkv (3, rows, d), float32 or float16 keys/values "
+      "layer_rest: float32 x (rows <= 8, d), qkv (3, rows, d), float32 or float16 keys/values "
       "(rows, heads, length, d / heads), weights [out_proj, cross norm weight, bias, final norm "
       "weight, bias, fc1, fc2] and cross [] or [to_scores, from_weights, keep] or [q_proj, out_proj, "
       "keep, text keys, text values]";
@@ -684,13 +692,13 @@ mx::array layer_rest(const mx::array& x, const mx::array& qkv, const mx::array& 
 
 NB_MODULE(_cpu_kernels, m) {
   m.def("few_row_product", &few_row_product, nb::arg("x"), nb::arg("w"),
-        "x (..., k) @ W^T for float32 W (n, k) and 1 to 4 rows of x.");
+        "x (..., k) @ W^T for float32 W (n, k) and 1 to 8 rows of x.");
   m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"),
         "Layer norm of float32 x (..., d) over its last axis.");
   m.def("attention_inputs", &attention_inputs, nb::arg("x"), nb::arg("norm_weight"),
         nb::arg("norm_bias"), nb::arg("q_proj"), nb::arg("k_proj"), nb::arg("v_proj"),
         nb::arg("scale"), nb::arg("eps"),
-        "(3, rows, d): the scaled queries, keys and values of layer_norm(x) for 1 to 4 rows.");
+        "(3, rows, d): the scaled queries, keys and values of layer_norm(x) for 1 to 8 rows.");
   m.def("layer_rest", &layer_rest, nb::arg("x"), nb::arg("qkv"), nb::arg("keys"),
         nb::arg("values"), nb::arg("weights"), nb::arg("cross"), nb::arg("heads"),
         nb::arg("text_rows"), nb::arg("scale"), nb::arg("eps"),
