@@ -294,7 +294,7 @@ def worker_generate(args: dict) -> dict:
         "versions": {"mlx": mx.__version__},
         "backend": backend(),
         "blas": _blas.describe(),
-        "cpu_kernels": guided_step(model, args["prompt"], 8).kernels is not None,
+        "cpu_kernels": guided_step(model, args["prompt"], 8).on_kernels,
         "huge_pages": huge_pages.asked(),
         "blas_env": blas_env(),
         "dtype": str(model.decoder.dtype).removeprefix("mlx.core."),

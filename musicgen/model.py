@@ -156,6 +156,7 @@ def linear(
     weight_first: bool = False,
     side: mx.Stream | None = None,
     product=None,
+    quantized_product=None,
 ) -> mx.array:
     """x (rows, in) through a linear layer's parameters `p` -> (rows, out).
 
@@ -165,13 +166,17 @@ def linear(
     With `p["pieces"]` (W's rows cut by `in_pieces`), x @ W^T runs piece by piece, which the BLAS
     takes its faster small-matrix path for (`_blas.small_product_limit`), and with `side` every other
     piece on that stream: the small-matrix code runs on one thread, so the second core takes half.
-    With `product` (the CPU kernels' `few_row_product`), float weights run as product(x, W).
+    With `product` (the CPU kernels' `few_row_product`), float weights run as product(x, W), and with
+    `quantized_product` (theirs for 8- and 4-bit groups of 64) quantized weights.
     """
     if "scales" in p:
         group_size, bits = quantization
-        y = mx.quantized_matmul(
-            x, p["weight"], p["scales"], p["biases"], True, group_size=group_size, bits=bits
-        )
+        if quantized_product is not None:
+            y = quantized_product(x, p["weight"], p["scales"], p["biases"], bits)
+        else:
+            y = mx.quantized_matmul(
+                x, p["weight"], p["scales"], p["biases"], True, group_size=group_size, bits=bits
+            )
     elif product is not None:
         y = product(x, p["weight"])
     elif weight_first:
@@ -391,7 +396,8 @@ class TokenStep:
 
     On an x86-64 CPU with AVX-512 (float32, <= 8 rows, GELU), each layer runs as two fused CPU
     kernels around its cache write (`kernels`, see musicgen.cpu_kernels and `_fused_layers`), and
-    the LM heads and final layer norm on the kernels' products: at ~100 / ~750 / ~1450 positions
+    the LM heads and final layer norm on the kernels' products (a quantized float32 decoder runs its
+    products there, `quantized_product`, and the rest on MLX's operations): at ~100 / ~750 / ~1450 positions
     28.7-31.0 / 31.6-34.3 / 35.2-42.8 ms against 44.8-45.2 / 53.2-55.1 / 60.1-61.3 ms on MLX's
     operations (musicgen-small shape, back to back, 3 rounds). On MLX's operations with OpenBLAS's
     AVX-512 kernels, each product runs in small-matrix pieces, every other one on a second stream
@@ -445,8 +451,19 @@ class TokenStep:
             split_products = self._side is not None
         side = cpu_streams()[0] if split_products and small_product and on_cpu else None
         product = self.kernels.few_row_product if self.kernels is not None else None
+        # a quantized decoder's products on the kernels (float32 scales, groups of 64)
+        quantized = None
+        fits_quantized = on_cpu and quant is not None and quant[0] == 64 and kernels is not False
+        if fits_quantized and decoder.dtype == mx.float32 and rows <= cpu_kernels.MAX_ROWS:
+            loaded = cpu_kernels.load()
+            quantized = loaded and loaded.quantized_product
         lin = partial(
-            linear, quantization=quant, weight_first=weight_first, side=side, product=product
+            linear,
+            quantization=quant,
+            weight_first=weight_first,
+            side=side,
+            product=product,
+            quantized_product=quantized,
         )
         norm = partial(layer_norm, kernel=self.kernels and self.kernels.layer_norm)
         text_rows = rows if cross.has_text is None else _leading_true(cross.has_text.tolist())
@@ -457,6 +474,8 @@ class TokenStep:
             weights = _nbytes([e.q_proj.parameters(), e.out_proj.parameters()])
             fold_cross = text_rows * heads * text_len < weights / (2 * dims * decoder.dtype.size)
         self.text_rows, self.fold_cross = text_rows, fold_cross and text_rows > 0
+        #: whether the step runs on the CPU kernels (the fused layers, or a quantized decoder's products)
+        self.on_kernels = self.kernels is not None or quantized is not None
 
         def attention_in(p: dict, x: mx.array):
             h = norm(p["self_attn_layer_norm"], x)

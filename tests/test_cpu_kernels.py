@@ -77,6 +77,44 @@ def test_few_row_product_rejects_what_it_does_not_run(kernels):
         kernels.few_row_product(mx.zeros((2, 15)), w)
 
 
+# (rows, out, in): every row count, with its weight rows per pass (4, 3, 2, 1) and their tails; `in`
+# one group of 64 or several; large enough to split over the helper thread
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 37, 64), (2, 1024, 1024), (3, 11, 128), (4, 4096, 1024), (5, 9, 192), (6, 2050, 512),
+     (7, 13, 256), (8, 1027, 1024)],
+)  # fmt: skip
+def test_quantized_product_is_x_times_dequantized_w(kernels, shape, bits):
+    rows, out, width = shape
+    key_x, key_w = mx.random.split(mx.random.key(sum(shape) + bits))
+    x, w = mx.random.normal((rows, width), key=key_x), mx.random.normal((out, width), key=key_w)
+    q, scales, biases = mx.quantize(w, group_size=64, bits=bits)
+    y = kernels.quantized_product(x, q, scales, biases, bits)
+    assert y.shape == (rows, out) and y.dtype == mx.float32
+    dense = np.array(mx.dequantize(q, scales, biases, group_size=64, bits=bits), np.float64)
+    assert rel_err(y, np.array(x, np.float64) @ dense.T) <= 1e-5
+    # x as a strided view, and batched (batch, 1, in) like a step's state
+    xt = mx.random.normal((width, rows), key=key_x).T
+    expected = np.array(xt, np.float64) @ dense.T
+    assert rel_err(kernels.quantized_product(xt, q, scales, biases, bits), expected) <= 1e-5
+    assert kernels.quantized_product(x[:, None], q, scales, biases, bits).shape == (rows, 1, out)
+
+
+def test_quantized_product_rejects_what_it_does_not_run(kernels):
+    w = mx.random.normal((8, 128))
+    q, scales, biases = mx.quantize(w, group_size=64, bits=8)
+    with pytest.raises(ValueError, match="1 to 8 rows"):
+        kernels.quantized_product(mx.zeros((9, 128)), q, scales, biases, 8)
+    with pytest.raises(ValueError, match="8- or 4-bit"):
+        kernels.quantized_product(mx.zeros((2, 128)), q, scales, biases, 4)  # W's width says 8
+    with pytest.raises(ValueError, match="float32 scales"):
+        kernels.quantized_product(mx.zeros((2, 128)), q, scales.astype(mx.float16), biases, 8)
+    q32, scales32, biases32 = mx.quantize(w, group_size=32, bits=8)
+    with pytest.raises(ValueError, match="groups of 64"):
+        kernels.quantized_product(mx.zeros((2, 128)), q32, scales32, biases32, 8)
+
+
 def test_attention_inputs_are_the_normed_projections(kernels):
     """Layer norm then the scaled queries, the keys and the values, for 1 to 8 rows (a width not a
     multiple of 16, and one large enough to split over the helper thread)."""

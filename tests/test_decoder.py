@@ -430,6 +430,32 @@ def test_float16_decoder_stays_close(teacher_forced):
         assert rel_err(step, logits.astype(mx.float32)) <= 1e-2
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_step_on_the_cpu_kernels(bits):
+    """The step's quantized products on the CPU kernels (8 and 4 bits, groups of 64) against MLX's
+    quantized_matmul and the module forward, for 1 row and for a guided pair (2 rows)."""
+    if not cpu_kernels.wanted():
+        pytest.skip("the CPU kernels run on x86-64 Linux with AVX-512 only")
+    config = MusicgenDecoderConfig(
+        hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=2,
+        encoder_hidden_size=64,
+    )  # fmt: skip
+    mx.random.seed(1)
+    decoder = quantize_decoder(MusicgenDecoder(config), bits)
+    states = mx.random.normal((2, 5, 64), key=mx.random.key(4))
+    mask = mx.array([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=mx.int32)
+    tokens = mx.random.randint(0, 2048, (2, 4, 6), key=mx.random.key(5))
+    for rows in (1, 2):
+        cross = decoder.cross_states(states[:rows], mask[:rows])
+        full = np.array(decoder(tokens[:rows], cross))
+        for fold in (False, True):
+            on_kernels = token_step_logits(
+                decoder, tokens[:rows], cross, fold, None, None, None, None
+            )
+            on_mlx = token_step_logits(decoder, tokens[:rows], cross, fold, None, None, None, False)
+            assert rel_err(on_kernels, full) <= 1e-5 and rel_err(on_kernels, on_mlx) <= 1e-5
+
+
 def test_quantized_decoder_stays_close():
     config = MusicgenDecoderConfig(
         hidden_size=128,

@@ -7,6 +7,8 @@
 //   output projection, the cross-attention to the text, the GELU feed-forward, the residuals.
 // - few_row_product(x, w): x (..., k) @ W^T for W (n, k) and 1 to 8 rows of x (the LM heads).
 // - layer_norm(x, weight, bias, eps): one operation, where MLX's CPU backend runs five.
+// - quantized_product(x, w, scales, biases, bits): x @ dequantize(W)^T for MLX's 8- or 4-bit affine
+//   quantization in groups of 64 (a quantized decoder's products), 1 to 8 rows of x.
 //
 // Every weight product reads W once for all its rows (1 to 8: classifier-free guidance's pair for
 // one to four prompts), four (three, for more than 4 rows) of W's rows at a time, where OpenBLAS packs W for a few-row product
@@ -20,6 +22,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <stdexcept>
 #include <string>
@@ -162,6 +165,10 @@ std::array<const float*, N> unpack(const std::vector<const float*>& v) {
   return out;
 }
 
+void check(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
 void encode(mx::cpu::CommandEncoder& encoder, const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
   for (const auto& a : inputs) encoder.set_input_array(a);
@@ -281,6 +288,147 @@ mx::array few_row_product(const mx::array& x, const mx::array& w) {
   auto shape = x.shape();
   shape.back() = w.shape(0);
   return mx::array(shape, mx::float32, std::make_shared<FewRowProduct>(stream), {x, w});
+}
+
+// --------------------------------------------------------------------------- quantized_product
+
+// MLX's affine quantization with groups of 64: W[j][c] = scale[j][g] * q[j][c] + bias[j][g] for the
+// group g = c / 64, q packed in little-endian order (8 bits: one byte each; 4 bits: low nibble first).
+constexpr int GROUP = 64;
+
+// 16 quantized weights from element c of a packed row, as floats.
+template <int BITS>
+inline __m512 load_quantized(const uint8_t* row, int c) {
+  if constexpr (BITS == 8) {
+    auto bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+  } else {
+    auto bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c / 2));
+    auto low = _mm_and_si128(bytes, _mm_set1_epi8(15));
+    auto high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(low, high)));
+  }
+}
+
+// y[r * n + j] = x[r] . W[j] for rows r < M and weight rows j in [j0, j1), B weight rows at a time:
+// per group, the dot of x with q (accumulated in `part`) is scaled into `acc`; the biases' share is
+// bias . (the sums of x over each group), `sums` (M, groups).
+template <int M, int B, int BITS>
+void quantized_rows(const float* x, const float* sums, const uint8_t* q, const float* scales,
+                    const float* biases, float* y, int n, int k, int j0, int j1) {
+  const int groups = k / GROUP;
+  const size_t row_bytes = static_cast<size_t>(k) * BITS / 8;
+  for (int j = j0; j < j1; j += B) {
+    const int count = std::min(B, j1 - j);
+    __m512 acc[M][B];
+    for (auto& row : acc)
+      for (auto& a : row) a = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+      __m512 part[M][B];
+      for (auto& row : part)
+        for (auto& a : row) a = _mm512_setzero_ps();
+      for (int c = g * GROUP; c < (g + 1) * GROUP; c += LANES) {
+        __m512 v[B];
+        for (int i = 0; i < B; i++)
+          v[i] = i < count ? load_quantized<BITS>(q + (j + i) * row_bytes, c) : _mm512_setzero_ps();
+        for (int r = 0; r < M; r++) {
+          __m512 u = _mm512_loadu_ps(x + r * k + c);
+          for (int i = 0; i < B; i++) part[r][i] = _mm512_fmadd_ps(v[i], u, part[r][i]);
+        }
+      }
+      for (int i = 0; i < count; i++) {
+        __m512 scale = _mm512_set1_ps(scales[static_cast<size_t>(j + i) * groups + g]);
+        for (int r = 0; r < M; r++) acc[r][i] = _mm512_fmadd_ps(scale, part[r][i], acc[r][i]);
+      }
+    }
+    for (int i = 0; i < count; i++)
+      for (int r = 0; r < M; r++) {
+        const float* bias = biases + static_cast<size_t>(j + i) * groups;
+        float shift = 0;
+        for (int g = 0; g < groups; g++) shift += bias[g] * sums[r * groups + g];
+        y[r * n + j + i] = _mm512_reduce_add_ps(acc[r][i]) + shift;
+      }
+  }
+}
+
+// quantized_rows<rows, B, BITS> for 1 to MAX_ROWS rows: B weight rows at a time such that the
+// accumulators (2 M B vectors) and the B weight vectors fit the 32 vector registers.
+template <int BITS>
+void quantized_rows_of(int rows, const float* x, const float* sums, const uint8_t* q,
+                       const float* scales, const float* biases, float* y, int n, int k, int j0,
+                       int j1) {
+  switch (rows) {
+    case 1: return quantized_rows<1, 4, BITS>(x, sums, q, scales, biases, y, n, k, j0, j1);
+    case 2: return quantized_rows<2, 4, BITS>(x, sums, q, scales, biases, y, n, k, j0, j1);
+    case 3: return quantized_rows<3, 3, BITS>(x, sums, q, scales, biases, y, n, k, j0, j1);
+    case 4: return quantized_rows<4, 2, BITS>(x, sums, q, scales, biases, y, n, k, j0, j1);
+    case 5: return quantized_rows<5, 2, BITS>(x, sums, q, scales, biases, y, n, k, j0, j1);
+    case 6: return quantized_rows<6, 2, BITS>(x, sums, q, scales, biases, y, n, k, j0, j1);
+    case 7: return quantized_rows<7, 1, BITS>(x, sums, q, scales, biases, y, n, k, j0, j1);
+    default: return quantized_rows<8, 1, BITS>(x, sums, q, scales, biases, y, n, k, j0, j1);
+  }
+}
+
+class QuantizedProduct : public CpuPrimitive {
+ public:
+  QuantizedProduct(mx::Stream stream, int bits)
+      : CpuPrimitive(stream, "QuantizedProduct"), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encode(encoder, inputs, out);
+    int k = inputs[0].shape(-1), rows = inputs[0].size() / k, n = inputs[1].shape(0);
+    const auto* q = reinterpret_cast<const uint8_t*>(inputs[1].data<uint32_t>());
+    std::vector<mx::array> floats{inputs[0], inputs[2], inputs[3]};
+    encoder.dispatch([in = Inputs(floats, 3), q, y = out.data<float>(), rows, n, k,
+                      bits = bits_] {
+      std::vector<std::vector<float>> buffers;
+      auto [x, scales, biases] = unpack<3>(in.row_major(buffers));
+      const int groups = k / GROUP;
+      std::vector<float> sums(static_cast<size_t>(rows) * groups);
+      for (int r = 0; r < rows; r++)
+        for (int g = 0; g < groups; g++) {
+          float total = 0;
+          for (int c = 0; c < GROUP; c++) total += x[r * k + g * GROUP + c];
+          sums[r * groups + g] = total;
+        }
+      in_two(n, 4, static_cast<long>(n) * k >= (1 << 16), [&](int j0, int j1) {
+        if (bits == 8)
+          quantized_rows_of<8>(rows, x, sums.data(), q, scales, biases, y, n, k, j0, j1);
+        else
+          quantized_rows_of<4>(rows, x, sums.data(), q, scales, biases, y, n, k, j0, j1);
+      });
+    });
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return bits_ == static_cast<const QuantizedProduct&>(other).bits_;
+  }
+
+ private:
+  int bits_;
+};
+
+mx::array quantized_product(const mx::array& x, const mx::array& w, const mx::array& scales,
+                            const mx::array& biases, int bits) {
+  const char* usage =
+      "quantized_product: float32 x (..., k) with 1 to 8 rows, W uint32 (n, k * bits / 32) of 8- or "
+      "4-bit values quantized in groups of 64 (k a multiple of 64), float32 scales and biases (n, "
+      "k / 64)";
+  int k = x.ndim() >= 1 ? x.shape(-1) : 0;
+  int n = w.ndim() == 2 ? w.shape(0) : 0;
+  bool shapes = (bits == 8 || bits == 4) && k > 0 && k % GROUP == 0 && n > 0 &&
+                w.shape(1) == k * bits / 32 && scales.shape() == mx::Shape{n, k / GROUP} &&
+                biases.shape() == scales.shape();
+  check(x.dtype() == mx::float32 && w.dtype() == mx::uint32 && scales.dtype() == mx::float32 &&
+            biases.dtype() == mx::float32 && shapes && x.size() / k <= MAX_ROWS &&
+            w.flags().row_contiguous,
+        usage);
+  auto shape = x.shape();
+  shape.back() = n;
+  auto stream = mx::default_stream(mx::Device::cpu);
+  return mx::array(shape, mx::float32, std::make_shared<QuantizedProduct>(stream, bits),
+                   {x, w, scales, biases});
 }
 
 // ------------------------------------------------------------------------------------ attention
@@ -609,10 +757,6 @@ class LayerRest : public CpuPrimitive {
   float scale_, eps_;
 };
 
-void check(bool ok, const char* what) {
-  if (!ok) throw std::invalid_argument(what);
-}
-
 bool is_vector(const mx::array& a, int n) { return a.dtype() == mx::float32 && a.shape() == mx::Shape{n}; }
 
 bool is_matrix(const mx::array& a, int n, int k) {
@@ -693,6 +837,10 @@ mx::array layer_rest(const mx::array& x, const mx::array& qkv, const mx::array& 
 NB_MODULE(_cpu_kernels, m) {
   m.def("few_row_product", &few_row_product, nb::arg("x"), nb::arg("w"),
         "x (..., k) @ W^T for float32 W (n, k) and 1 to 8 rows of x.");
+  m.def("quantized_product", &quantized_product, nb::arg("x"), nb::arg("w"), nb::arg("scales"),
+        nb::arg("biases"), nb::arg("bits"),
+        "x (..., k) @ dequantize(W)^T for MLX's 8- or 4-bit affine quantization (groups of 64) and 1 "
+        "to 8 rows of x.");
   m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"), nb::arg("eps"),
         "Layer norm of float32 x (..., d) over its last axis.");
   m.def("attention_inputs", &attention_inputs, nb::arg("x"), nb::arg("norm_weight"),
