@@ -426,22 +426,26 @@ class TokenStep:
         )
         rows = cache[0].keys.shape[0]
         on_cpu = mx.default_device() == mx.cpu
+        bits = _fused_bits(decoder)  # None: quantized in part, which the fused layers do not take
         fits_kernels = (
             on_cpu
             and rows <= cpu_kernels.MAX_ROWS
             and c.activation_function == "gelu"
             and decoder.dtype == mx.float32
             and cache[0].keys.dtype in (mx.float32, mx.float16)
-            and quant is None
+            # quantized: 8 or 4 bits in groups of 64, with the cross-attention folded
+            and (bits == 0 or (bits in (4, 8) and quant[0] == 64 and fold_cross is not False))
         )
         self.kernels = cpu_kernels.load() if fits_kernels and kernels is not False else None
         if kernels and self.kernels is None:
             raise ValueError(
-                f"the CPU kernels need a float32, unquantized CPU step of <= {cpu_kernels.MAX_ROWS} "
-                "rows with GELU"
+                f"the CPU kernels need a float32 CPU step of <= {cpu_kernels.MAX_ROWS} rows with "
+                "GELU (quantized: 8 or 4 bits in groups of 64, the cross-attention folded)"
             )
+        self.bits = bits or 0
         if self.kernels is not None:
             weight_first, small_product, split_products = False, 0, False
+            fold_cross = True if self.bits else fold_cross
         if weight_first is None:
             weight_first = _blas.weight_first()
         if small_product is None and on_cpu:
@@ -563,8 +567,9 @@ class TokenStep:
             mx.eval(self.fused)
 
     def _fused_parameters(self, p: dict, cross: tuple, text_kv: tuple | None) -> tuple:
-        """A layer's inputs to the fused kernels: attention_inputs' parameters, layer_rest's weights
-        and its cross-attention inputs (none, folded, or the projections with the text's K/V).
+        """A layer's inputs to the fused kernels: attention_inputs' parameters and quantization,
+        layer_rest's weights, its cross-attention inputs (none, folded, or the projections with the
+        text's K/V) and its quantization (a quantized decoder's scales and biases, else none).
 
         A Melody layer has no cross-attention norm: layer_rest, which does not read it without text,
         gets the final norm's parameters in its place."""
@@ -575,6 +580,12 @@ class TokenStep:
             norm["bias"],
             *(a[n]["weight"] for n in ("q_proj", "k_proj", "v_proj")),
         )
+
+        def quantization(*linears: dict) -> list[mx.array]:
+            return [t for q in linears for t in (q["scales"], q["biases"])] if self.bits else []
+
+        first = quantization(*(a[n] for n in ("q_proj", "k_proj", "v_proj")))
+        rest = quantization(a["out_proj"], p["fc1"], p["fc2"])
         ffn_norm = p["final_layer_norm"]
         text_norm = p.get("encoder_attn_layer_norm", ffn_norm)
         weights = [
@@ -587,13 +598,14 @@ class TokenStep:
             p["fc2"]["weight"],
         ]
         if not self.text_rows:
-            return inputs, weights, []
+            return inputs, first, weights, [], rest
         *folded, mask = cross
         keep = mask.reshape(self.text_rows, -1).astype(mx.float32)
         if self.fold_cross:
-            return inputs, weights, [*folded, keep]
+            return inputs, first, weights, [*folded, keep], rest
         k, v = (t[: self.text_rows] for t in text_kv)
-        return inputs, weights, [e["q_proj"]["weight"], e["out_proj"]["weight"], keep, k, v]
+        projected = [e["q_proj"]["weight"], e["out_proj"]["weight"], keep, k, v]
+        return inputs, first, weights, projected, rest
 
     def _step_parameters(self, layer: DecoderLayer) -> dict:
         """The parameters of `layer` a step reads (the text's keys/values are computed already)."""
@@ -616,14 +628,17 @@ class TokenStep:
 
     def _fused_layers(self, x: mx.array, offset: int) -> mx.array:
         """The layers on the fused kernels: two operations a layer around the cache write."""
-        kernels, heads, rows = self.kernels, self.heads, x.shape[0]
-        for (inputs, weights, cross), cache in zip(self.fused, self.cache, strict=True):
-            qkv = kernels.attention_inputs(x, *inputs, self.scale, 1e-5)
+        kernels, heads, rows, bits = self.kernels, self.heads, x.shape[0], self.bits
+        for (inputs, first, weights, cross, rest), cache in zip(
+            self.fused, self.cache, strict=True
+        ):
+            qkv = kernels.attention_inputs(x, *inputs, self.scale, 1e-5, first, bits)
             k, v = (qkv[i : i + 1].reshape(rows, heads, 1, -1) for i in (1, 2))  # views
             keys, values = cache.update(k, v, offset)
             x = kernels.layer_rest(
-                x, qkv, keys, values, weights, cross, heads, self.text_rows, self.scale, 1e-5
-            )
+                x, qkv, keys, values, weights, cross, heads, self.text_rows, self.scale, 1e-5,
+                rest, bits,
+            )  # fmt: skip
         return x
 
     def bytes_per_step(self, offset: int) -> dict[str, int]:
@@ -690,6 +705,21 @@ def _dense_weight(linear_layer: nn.Module, quantization) -> mx.array:
         return p["weight"].astype(mx.float32)
     group_size, bits = quantization
     return mx.dequantize(p["weight"], p["scales"], p["biases"], group_size, bits)
+
+
+def _fused_bits(decoder: MusicgenDecoder) -> int | None:
+    """The bits of the layers' quantized projections and feed-forward (0: none quantized; None: some
+    are and some are not, as when a width is below the group size)."""
+    names = ("q_proj", "k_proj", "v_proj", "out_proj")
+    linears = [
+        lin
+        for layer in decoder.layers
+        for lin in (*(getattr(layer.self_attn, n) for n in names), layer.fc1, layer.fc2)
+    ]
+    quantized = {"scales" in lin for lin in linears}
+    if quantized == {False}:
+        return 0
+    return decoder.quant_bits if quantized == {True} else None
 
 
 def _leading_true(flags: list[bool]) -> int:

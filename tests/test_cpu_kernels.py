@@ -115,6 +115,58 @@ def test_quantized_product_rejects_what_it_does_not_run(kernels):
         kernels.quantized_product(mx.zeros((2, 128)), q32, scales32, biases32, 8)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_layer_kernels_take_quantized_weights(kernels, bits, rows):
+    """attention_inputs and layer_rest with 8- or 4-bit weights equal the float32 kernels on the
+    dequantized weights (and so MLX's reference), with no text and with the text folded."""
+    d, ffn, heads = 128, 256, 2
+    keys = iter(mx.random.split(mx.random.key(rows + bits), 12))
+    x = mx.random.normal((rows, d), key=next(keys))
+    norm = list(mx.random.normal((2, d), key=next(keys)) * 0.1 + 1.0)
+    dense = [
+        mx.random.normal(shape, key=next(keys)) * shape[1] ** -0.5
+        for shape in [(d, d)] * 4 + [(ffn, d), (d, ffn)]
+    ]
+    packed = [mx.quantize(w, group_size=64, bits=bits) for w in dense]
+    dense = [mx.dequantize(*q, group_size=64, bits=bits) for q in packed]
+    weights, extra = (
+        [q[0] for q in packed],
+        [[t for q in packed[i:j] for t in q[1:]] for i, j in ((0, 3), (3, 6))],
+    )
+    qkv = kernels.attention_inputs(x, *norm, *weights[:3], 0.125, 1e-5, extra[0], bits)
+    expected = kernels.attention_inputs(x, *norm, *dense[:3], 0.125, 1e-5)
+    assert rel_err(qkv, expected) <= 1e-5
+    cache = [mx.random.normal((rows, heads, 40, d // heads), key=next(keys)) for _ in range(2)]
+    text_rows = max(rows // 2, 1)
+    folded = [
+        mx.random.normal((text_rows, heads * 5, d), key=next(keys)) * d**-0.5,
+        mx.random.normal((text_rows, d, heads * 5), key=next(keys)),
+        mx.ones((text_rows, 5)),
+    ]
+    for cross, text in (([], 0), (folded, text_rows)):
+        layer = [weights[3], *norm, *norm, weights[4], weights[5]]
+        out = kernels.layer_rest(
+            x, qkv, *cache, layer, cross, heads, text, 0.1, 1e-5, extra[1], bits
+        )
+        layer = [dense[3], *norm, *norm, dense[4], dense[5]]
+        expected = kernels.layer_rest(x, qkv, *cache, layer, cross, heads, text, 0.1, 1e-5)
+        assert (
+            rel_err(out, layer_rest_reference(x, qkv, *cache, layer, cross, heads, text, 0.1))
+            <= 1e-5
+        )
+        assert rel_err(out, expected) <= 1e-5
+
+
+def test_layer_kernels_reject_quantization_they_do_not_run(kernels):
+    x, qkv, keys, values, weights, cross = random_layer(2, 2, 8, 5, mx.float32, "projected", 1, 0)
+    scales = mx.zeros((16, 1))
+    with pytest.raises(ValueError, match="4-bit with their float32 scales"):  # bits, no scales
+        kernels.attention_inputs(x, *weights[1:3], *[weights[0]] * 3, 1.0, 1e-5, [], 8)
+    with pytest.raises(ValueError, match="no projected cross-attention"):
+        kernels.layer_rest(x, qkv, keys, values, weights, cross, 2, 1, 1.0, 1e-5, [scales] * 6, 8)
+
+
 def test_attention_inputs_are_the_normed_projections(kernels):
     """Layer norm then the scaled queries, the keys and the values, for 1 to 8 rows (a width not a
     multiple of 16, and one large enough to split over the helper thread)."""

@@ -432,7 +432,8 @@ def test_float16_decoder_stays_close(teacher_forced):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_step_on_the_cpu_kernels(bits):
-    """The step's quantized products on the CPU kernels (8 and 4 bits, groups of 64) against MLX's
+    """A quantized decoder's step on the CPU kernels (8 and 4 bits, groups of 64: with the
+    cross-attention folded, the fused layers; with it projected, the products alone) against MLX's
     quantized_matmul and the module forward, for 1 row and for a guided pair (2 rows)."""
     if not cpu_kernels.wanted():
         pytest.skip("the CPU kernels run on x86-64 Linux with AVX-512 only")
@@ -454,6 +455,12 @@ def test_quantized_step_on_the_cpu_kernels(bits):
             )
             on_mlx = token_step_logits(decoder, tokens[:rows], cross, fold, None, None, None, False)
             assert rel_err(on_kernels, full) <= 1e-5 and rel_err(on_kernels, on_mlx) <= 1e-5
+        step = decoder.token_step(cross, decoder.make_cache(rows, 1))
+        assert step.kernels is not None and step.fold_cross and step.on_kernels  # fused layers
+        projected = decoder.token_step(cross, decoder.make_cache(rows, 1), fold_cross=False)
+        assert projected.kernels is None and projected.on_kernels  # the quantized products only
+    with pytest.raises(ValueError, match="the cross-attention folded"):
+        decoder.token_step(cross, decoder.make_cache(2, 1), fold_cross=False, kernels=True)
 
 
 def test_quantized_decoder_stays_close():

@@ -369,6 +369,48 @@ void quantized_rows_of(int rows, const float* x, const float* sums, const uint8_
   }
 }
 
+// The sums of each row of x (rows, k) over each group of 64: the biases' share of a product.
+std::vector<float> group_sums(const float* x, int rows, int k) {
+  const int groups = k / GROUP;
+  std::vector<float> sums(static_cast<size_t>(rows) * groups);
+  for (int r = 0; r < rows; r++)
+    for (int g = 0; g < groups; g++) {
+      float total = 0;
+      for (int c = 0; c < GROUP; c++) total += x[r * k + g * GROUP + c];
+      sums[r * groups + g] = total;
+    }
+  return sums;
+}
+
+// A product's weight: float32 W (n, k), or MLX's quantized form (packed q, scales, biases; bits).
+struct Weight {
+  const float* w = nullptr;
+  const uint8_t* q = nullptr;
+  const float* scales = nullptr;
+  const float* biases = nullptr;
+  int bits = 0;
+
+  Weight(const float* w) : w(w) {}  // NOLINT: a float32 weight where one is expected
+  Weight(const float* q, const float* scales, const float* biases, int bits)
+      : q(reinterpret_cast<const uint8_t*>(q)), scales(scales), biases(biases), bits(bits) {}
+
+  // y rows for weight rows [j0, j1) of the product with x (rows, k); `sums`: group_sums(x).
+  void rows_of(int rows, const float* x, const float* sums, float* y, int n, int k, int j0,
+               int j1) const {
+    if (!bits) return few_rows_of(rows, x, w, y, n, k, j0, j1);
+    if (bits == 8) return quantized_rows_of<8>(rows, x, sums, q, scales, biases, y, n, k, j0, j1);
+    quantized_rows_of<4>(rows, x, sums, q, scales, biases, y, n, k, j0, j1);
+  }
+};
+
+// y (rows, n) = x (rows, k) @ W^T for 1 to MAX_ROWS rows, W's rows split with the helper.
+void product(const float* x, int rows, const Weight& w, float* y, int n, int k) {
+  if (!w.bits) return product(x, rows, w.w, y, n, k);
+  auto sums = group_sums(x, rows, k);
+  in_two(n, 4, static_cast<long>(n) * k >= (1 << 16),
+         [&](int j0, int j1) { w.rows_of(rows, x, sums.data(), y, n, k, j0, j1); });
+}
+
 class QuantizedProduct : public CpuPrimitive {
  public:
   QuantizedProduct(mx::Stream stream, int bits)
@@ -384,20 +426,7 @@ class QuantizedProduct : public CpuPrimitive {
                       bits = bits_] {
       std::vector<std::vector<float>> buffers;
       auto [x, scales, biases] = unpack<3>(in.row_major(buffers));
-      const int groups = k / GROUP;
-      std::vector<float> sums(static_cast<size_t>(rows) * groups);
-      for (int r = 0; r < rows; r++)
-        for (int g = 0; g < groups; g++) {
-          float total = 0;
-          for (int c = 0; c < GROUP; c++) total += x[r * k + g * GROUP + c];
-          sums[r * groups + g] = total;
-        }
-      in_two(n, 4, static_cast<long>(n) * k >= (1 << 16), [&](int j0, int j1) {
-        if (bits == 8)
-          quantized_rows_of<8>(rows, x, sums.data(), q, scales, biases, y, n, k, j0, j1);
-        else
-          quantized_rows_of<4>(rows, x, sums.data(), q, scales, biases, y, n, k, j0, j1);
-      });
+      product(x, rows, Weight(reinterpret_cast<const float*>(q), scales, biases, bits), y, n, k);
     });
   }
 
@@ -592,31 +621,38 @@ void add_to(float* x, const float* y, size_t n) {
 // (3, rows, d): the scaled queries, the keys and the values of layer_norm(x) (no biases).
 class AttentionInputs : public CpuPrimitive {
  public:
-  AttentionInputs(mx::Stream stream, float scale, float eps)
-      : CpuPrimitive(stream, "AttentionInputs"), scale_(scale), eps_(eps) {}
+  // bits 8 or 4: the projections are quantized, their scales and biases the last 6 inputs.
+  AttentionInputs(mx::Stream stream, float scale, float eps, int bits)
+      : CpuPrimitive(stream, "AttentionInputs"), scale_(scale), eps_(eps), bits_(bits) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& encoder = mx::cpu::get_command_encoder(stream());
     encode(encoder, inputs, out);
     int d = inputs[0].shape(-1), rows = inputs[0].size() / d;
-    encoder.dispatch([in = Inputs(inputs, 6), y = out.data<float>(), rows, d, scale = scale_,
-                      eps = eps_] {
+    encoder.dispatch([in = Inputs(inputs, inputs.size()), y = out.data<float>(), rows, d,
+                      scale = scale_, eps = eps_, bits = bits_] {
       std::vector<std::vector<float>> buffers;
-      auto [x, norm_w, norm_b, wq, wk, wv] = unpack<6>(in.row_major(buffers));
+      auto p = in.row_major(buffers);
+      auto weight = [&](int i) {
+        return bits ? Weight(p[3 + i], p[6 + 2 * i], p[7 + 2 * i], bits) : Weight(p[3 + i]);
+      };
+      const Weight weights[] = {weight(0), weight(1), weight(2)};
       std::vector<float> h(static_cast<size_t>(rows) * d);
-      norm_rows(x, norm_w, norm_b, h.data(), rows, d, eps);
+      norm_rows(p[0], p[1], p[2], h.data(), rows, d, eps);
+      const auto sums = bits ? group_sums(h.data(), rows, d) : std::vector<float>();
       const size_t size = static_cast<size_t>(rows) * d;
       in_two(d, 4, true, [&, x = h.data()](int j0, int j1) {  // the three products in one job
-        const float* weights[] = {wq, wk, wv};
         for (int i = 0; i < 3; i++)
-          few_rows_of(rows, x, weights[i], y + i * size, d, d, j0, j1);
+          weights[i].rows_of(rows, x, sums.data(), y + i * size, d, d, j0, j1);
       });
       for (size_t i = 0; i < size; i++) y[i] *= scale;
     });
   }
 
+
  private:
   float scale_, eps_;
+  int bits_;
 };
 
 // softmax over the n scores at s whose `keep` entry is nonzero (the others get 0).
@@ -651,9 +687,11 @@ enum CrossForm { NO_TEXT = 0, FOLDED = 3, PROJECTED = 5 };
 // (first text_rows rows), + feed-forward (GELU, no biases).
 class LayerRest : public CpuPrimitive {
  public:
-  LayerRest(mx::Stream stream, int heads, int text_rows, CrossForm form, float scale, float eps)
+  // bits 8 or 4: out_proj, fc1 and fc2 are quantized, their scales and biases the last 6 inputs.
+  LayerRest(mx::Stream stream, int heads, int text_rows, CrossForm form, float scale, float eps,
+            int bits)
       : CpuPrimitive(stream, "LayerRest"),
-        heads_(heads), text_rows_(text_rows), form_(form), scale_(scale), eps_(eps) {}
+        heads_(heads), text_rows_(text_rows), form_(form), scale_(scale), eps_(eps), bits_(bits) {}
 
   // The inputs: x, qkv, out_proj, the two layer norms (weight, bias), fc1, fc2, the cross-attention's
   // float inputs (to_scores, from_weights, mask; or q_proj, out_proj, mask), then the strided
@@ -661,7 +699,7 @@ class LayerRest : public CpuPrimitive {
   static constexpr size_t FLOATS = 9;
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    for (size_t i = floats(); i < inputs.size(); i++)
+    for (size_t i = floats(); i < floats() + (form_ == PROJECTED ? 4 : 2); i++)
       if (inputs[i].strides()[3] != 1)
         throw std::runtime_error("layer_rest: each position's keys and values must be contiguous");
     auto& encoder = mx::cpu::get_command_encoder(stream());
@@ -683,14 +721,20 @@ class LayerRest : public CpuPrimitive {
                                          : 0;
     Heads text_keys = form_ == PROJECTED ? Heads(inputs[floats() + 2]) : Heads(keys);
     Heads text_values = form_ == PROJECTED ? Heads(inputs[floats() + 3]) : Heads(keys);
-    encoder.dispatch([in = Inputs(inputs, floats()), keys = Heads(keys),
-                      values = Heads(inputs[floats() + 1]), text_keys, text_values,
-                      y = out.data<float>(), rows, d, ffn, length, head_dim, text_length,
-                      heads = heads_, text_rows = text_rows_, form = form_, scale = scale_,
-                      eps = eps_] {
-      std::vector<std::vector<float>> buffers;
+    const std::vector<mx::array> quantization(inputs.end() - (bits_ ? 6 : 0), inputs.end());
+    encoder.dispatch([in = Inputs(inputs, floats()), quant = Inputs(quantization, quantization.size()),
+                      keys = Heads(keys), values = Heads(inputs[floats() + 1]), text_keys,
+                      text_values, y = out.data<float>(), rows, d, ffn, length, head_dim,
+                      text_length, heads = heads_, text_rows = text_rows_, form = form_,
+                      scale = scale_, eps = eps_, bits = bits_] {
+      std::vector<std::vector<float>> buffers, quant_buffers;
       auto p = in.row_major(buffers);
-      auto [x, qkv, out_proj, cross_w, cross_b, ffn_w, ffn_b, fc1, fc2] = unpack<FLOATS>(p);
+      auto [x, qkv, out_w, cross_w, cross_b, ffn_w, ffn_b, fc1_w, fc2_w] = unpack<FLOATS>(p);
+      auto qs = quant.row_major(quant_buffers);
+      auto weight = [&](const float* w, int i) {
+        return bits ? Weight(w, qs[2 * i], qs[2 * i + 1], bits) : Weight(w);
+      };
+      const Weight out_proj = weight(out_w, 0), fc1 = weight(fc1_w, 1), fc2 = weight(fc2_w, 2);
       const size_t size = static_cast<size_t>(rows) * d;
       std::vector<float> attended(size), h(size), part(size), wide(static_cast<size_t>(rows) * ffn);
       // self-attention: one pass per (row, head) over the cache, split even when short (the
@@ -755,6 +799,7 @@ class LayerRest : public CpuPrimitive {
   int heads_, text_rows_;
   CrossForm form_;
   float scale_, eps_;
+  int bits_;
 };
 
 bool is_vector(const mx::array& a, int n) { return a.dtype() == mx::float32 && a.shape() == mx::Shape{n}; }
@@ -763,41 +808,66 @@ bool is_matrix(const mx::array& a, int n, int k) {
   return a.dtype() == mx::float32 && a.shape() == mx::Shape{n, k};
 }
 
+// A weight (n, k): float32 (bits 0), or quantized to `bits` in groups of 64 with its scales and
+// biases at quantization[2 i] and [2 i + 1].
+bool is_weight(const mx::array& a, int n, int k, int bits, const std::vector<mx::array>& quantization,
+               size_t i) {
+  if (!bits) return is_matrix(a, n, k);
+  if (k % GROUP || a.dtype() != mx::uint32 || a.shape() != mx::Shape{n, k * bits / 32} ||
+      !a.flags().row_contiguous || quantization.size() < 2 * i + 2)
+    return false;
+  return is_matrix(quantization[2 * i], n, k / GROUP) && is_matrix(quantization[2 * i + 1], n, k / GROUP);
+}
+
+// The `quantization` list goes with `bits`: none for float32 weights, 6 arrays for 8 or 4 bits.
+bool fits_bits(int bits, const std::vector<mx::array>& quantization) {
+  return bits == 0 ? quantization.empty() : (bits == 8 || bits == 4) && quantization.size() == 6;
+}
+
 mx::array attention_inputs(const mx::array& x, const mx::array& norm_weight,
                            const mx::array& norm_bias, const mx::array& q_proj,
-                           const mx::array& k_proj, const mx::array& v_proj, float scale, float eps) {
+                           const mx::array& k_proj, const mx::array& v_proj, float scale, float eps,
+                           const std::vector<mx::array>& quantization, int bits) {
   int d = x.ndim() == 2 ? x.shape(1) : 0;
   check(x.dtype() == mx::float32 && d > 0 && x.shape(0) <= MAX_ROWS && is_vector(norm_weight, d) &&
-            is_vector(norm_bias, d) && is_matrix(q_proj, d, d) && is_matrix(k_proj, d, d) &&
-            is_matrix(v_proj, d, d),
-        "attention_inputs: float32 x (rows <= 8, d), layer norm (d,) x 2, projections (d, d) x 3");
+            is_vector(norm_bias, d) && fits_bits(bits, quantization) &&
+            is_weight(q_proj, d, d, bits, quantization, 0) &&
+            is_weight(k_proj, d, d, bits, quantization, 1) &&
+            is_weight(v_proj, d, d, bits, quantization, 2),
+        "attention_inputs: float32 x (rows <= 8, d), layer norm (d,) x 2, projections (d, d) x 3 "
+        "(float32, or 8- or 4-bit with their float32 scales and biases in `quantization`)");
+  std::vector<mx::array> inputs{x, norm_weight, norm_bias, q_proj, k_proj, v_proj};
+  inputs.insert(inputs.end(), quantization.begin(), quantization.end());
   auto stream = mx::default_stream(mx::Device::cpu);
   return mx::array({3, x.shape(0), d}, mx::float32,
-                   std::make_shared<AttentionInputs>(stream, scale, eps),
-                   {x, norm_weight, norm_bias, q_proj, k_proj, v_proj});
+                   std::make_shared<AttentionInputs>(stream, scale, eps, bits), inputs);
 }
 
 mx::array layer_rest(const mx::array& x, const mx::array& qkv, const mx::array& keys,
                      const mx::array& values, const std::vector<mx::array>& weights,
                      const std::vector<mx::array>& cross, int heads, int text_rows, float scale,
-                     float eps) {
+                     float eps, const std::vector<mx::array>& quantization, int bits) {
   const char* usage =
       "layer_rest: float32 x (rows <= 8, d), qkv (3, rows, d), float32 or float16 keys/values "
       "(rows, heads, length, d / heads), weights [out_proj, cross norm weight, bias, final norm "
       "weight, bias, fc1, fc2] and cross [] or [to_scores, from_weights, keep] or [q_proj, out_proj, "
-      "keep, text keys, text values]";
-  check(x.ndim() == 2 && weights.size() == 7 && heads > 0, usage);
+      "keep, text keys, text values]; with bits 8 or 4, out_proj, fc1 and fc2 quantized (groups of "
+      "64) with their [scales, biases] x 3 in `quantization`, and no projected cross-attention";
+  check(x.ndim() == 2 && weights.size() == 7 && heads > 0 && fits_bits(bits, quantization), usage);
   int rows = x.shape(0), d = x.shape(1), ffn = weights[5].ndim() == 2 ? weights[5].shape(0) : 0;
   bool kv_dtype = keys.dtype() == values.dtype() &&
                   (keys.dtype() == mx::float32 || keys.dtype() == mx::float16);
   check(x.dtype() == mx::float32 && rows <= MAX_ROWS && d % heads == 0 && qkv.dtype() == mx::float32 &&
             qkv.shape() == mx::Shape{3, rows, d} && kv_dtype && keys.ndim() == 4 &&
             keys.shape() == values.shape() && keys.shape() == mx::Shape{rows, heads, keys.shape(2), d / heads} &&
-            keys.shape(2) > 0 && d / heads <= MAX_HEAD_DIM && is_matrix(weights[0], d, d) && is_vector(weights[1], d) &&
+            keys.shape(2) > 0 && d / heads <= MAX_HEAD_DIM &&
+            is_weight(weights[0], d, d, bits, quantization, 0) && is_vector(weights[1], d) &&
             is_vector(weights[2], d) && is_vector(weights[3], d) && is_vector(weights[4], d) &&
-            is_matrix(weights[5], ffn, d) && is_matrix(weights[6], d, ffn),
+            is_weight(weights[5], ffn, d, bits, quantization, 1) &&
+            is_weight(weights[6], d, ffn, bits, quantization, 2),
         usage);
   auto form = static_cast<CrossForm>(cross.size());
+  check(!bits || form != PROJECTED, usage);
   check(form == NO_TEXT ? text_rows == 0 : (text_rows > 0 && text_rows <= rows), usage);
   std::vector<mx::array> inputs{x, qkv};
   inputs.insert(inputs.end(), weights.begin(), weights.end());
@@ -828,8 +898,10 @@ mx::array layer_rest(const mx::array& x, const mx::array& qkv, const mx::array& 
     inputs.insert(inputs.end(), {keys, values});
   }
   auto stream = mx::default_stream(mx::Device::cpu);
+  inputs.insert(inputs.end(), quantization.begin(), quantization.end());
   return mx::array(x.shape(), mx::float32,
-                   std::make_shared<LayerRest>(stream, heads, text_rows, form, scale, eps), inputs);
+                   std::make_shared<LayerRest>(stream, heads, text_rows, form, scale, eps, bits),
+                   inputs);
 }
 
 }  // namespace
@@ -845,11 +917,14 @@ NB_MODULE(_cpu_kernels, m) {
         "Layer norm of float32 x (..., d) over its last axis.");
   m.def("attention_inputs", &attention_inputs, nb::arg("x"), nb::arg("norm_weight"),
         nb::arg("norm_bias"), nb::arg("q_proj"), nb::arg("k_proj"), nb::arg("v_proj"),
-        nb::arg("scale"), nb::arg("eps"),
-        "(3, rows, d): the scaled queries, keys and values of layer_norm(x) for 1 to 8 rows.");
+        nb::arg("scale"), nb::arg("eps"), nb::arg("quantization") = std::vector<mx::array>(),
+        nb::arg("bits") = 0,
+        "(3, rows, d): the scaled queries, keys and values of layer_norm(x) for 1 to 8 rows; with "
+        "bits 8 or 4, quantized projections and their [scales, biases] x 3 in `quantization`.");
   m.def("layer_rest", &layer_rest, nb::arg("x"), nb::arg("qkv"), nb::arg("keys"),
         nb::arg("values"), nb::arg("weights"), nb::arg("cross"), nb::arg("heads"),
         nb::arg("text_rows"), nb::arg("scale"), nb::arg("eps"),
+        nb::arg("quantization") = std::vector<mx::array>(), nb::arg("bits") = 0,
         "A decoder layer's step after its cache write: self-attention over keys/values, output "
         "projection, cross-attention of the first text_rows rows, GELU feed-forward.");
 }
