@@ -48,13 +48,26 @@ def wanted() -> bool:
     return sys.platform == "linux" and platform.machine() == "x86_64" and _blas.avx512_cpu()
 
 
-@functools.cache
-def load() -> ModuleType | None:
-    """The compiled kernels (building them the first time), or None where they cannot run."""
+def library() -> Path | None:
+    """The compiled library in the conversion cache (building it the first time), or None where the
+    kernels cannot run or do not build."""
     if not wanted():
         return None
     try:
-        module = _import(_build())
+        return _build()
+    except Exception as e:  # no compiler, no nanobind
+        logger.warning("musicgen CPU kernels unavailable (%s); using MLX's operations", e)
+        return None
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled kernels (building them the first time), or None where they cannot run."""
+    path = library()
+    if path is None:
+        return None
+    try:
+        module = _import(path)
         _check(module)
     except Exception as e:  # no compiler, no nanobind, an MLX it does not match: MLX's own ops
         logger.warning("musicgen CPU kernels unavailable (%s); using MLX's operations", e)

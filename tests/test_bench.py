@@ -127,6 +127,16 @@ def test_torch_zip_bin_reads_back(tmp_path, tiny_config, tiny_checkpoint):
         assert mx.allclose(v.astype(mx.float32), fp32[k], rtol=1e-3, atol=1e-4), k
 
 
+def test_the_bench_does_not_time_building_the_kernels(tmp_path):
+    """Its workers use an empty conversion cache: the kernels built once are copied into it."""
+    musicgen_bench.share_kernels(tmp_path)
+    built = cpu_kernels.library()
+    copied = sorted(p.name for p in (tmp_path / "kernels").glob("*")) if built else []
+    assert copied == ([built.name] if built else [])
+    if built:
+        assert (tmp_path / "kernels" / built.name).read_bytes() == built.read_bytes()
+
+
 def test_step_stats_windows():
     ends = [0.1 * i for i in range(1, 202)]  # 200 steps of 100 ms
     stats = musicgen_bench.step_stats(ends)
