@@ -5,8 +5,9 @@ guidance's pair for one to four prompts) runs each decoder layer as two MLX C++ 
 instead of about 25 of MLX's operations, and its LM heads and final layer norm on the same products:
 each weight is read once for all rows, the self-attention is one pass per head (both split over two
 cores inside the primitive), and a layer norm is one operation instead of five (see
-docs/benchmarks.md). A quantized decoder's products (8 or 4 bits, groups of 64) run as
-`quantized_product`, about 20 times faster than MLX's CPU `quantized_matmul`.
+docs/benchmarks.md). A quantized decoder (8 or 4 bits, groups of 64) runs on the same
+layer kernels with its quantized weights, and its other products as `quantized_product`, about 20 times
+faster than MLX's CPU `quantized_matmul`.
 
 The extension is compiled once with the system C++ compiler (`$CXX`, else g++: MLX's CPU backend
 compiles its fused kernels with it too) against the installed MLX and nanobind (the version MLX was

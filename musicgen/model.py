@@ -396,8 +396,8 @@ class TokenStep:
 
     On an x86-64 CPU with AVX-512 (float32, <= 8 rows, GELU), each layer runs as two fused CPU
     kernels around its cache write (`kernels`, see musicgen.cpu_kernels and `_fused_layers`), and
-    the LM heads and final layer norm on the kernels' products (a quantized float32 decoder runs its
-    products there, `quantized_product`, and the rest on MLX's operations): at ~100 / ~750 / ~1450 positions
+    the LM heads and final layer norm on the kernels' products (a quantized float32 decoder too, with
+    the cross-attention folded; else its products alone, `quantized_product`): at ~100 / ~750 / ~1450 positions
     28.7-31.0 / 31.6-34.3 / 35.2-42.8 ms against 44.8-45.2 / 53.2-55.1 / 60.1-61.3 ms on MLX's
     operations (musicgen-small shape, back to back, 3 rounds). On MLX's operations with OpenBLAS's
     AVX-512 kernels, each product runs in small-matrix pieces, every other one on a second stream
