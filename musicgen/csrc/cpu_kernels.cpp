@@ -649,7 +649,6 @@ class AttentionInputs : public CpuPrimitive {
     });
   }
 
-
  private:
   float scale_, eps_;
   int bits_;
@@ -695,7 +694,8 @@ class LayerRest : public CpuPrimitive {
 
   // The inputs: x, qkv, out_proj, the two layer norms (weight, bias), fc1, fc2, the cross-attention's
   // float inputs (to_scores, from_weights, mask; or q_proj, out_proj, mask), then the strided
-  // ones: the cache's keys and values and (PROJECTED) the text's.
+  // ones: the cache's keys and values and (PROJECTED) the text's; quantized, then the scales and
+  // biases of out_proj, fc1 and fc2.
   static constexpr size_t FLOATS = 9;
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
