@@ -552,9 +552,8 @@ class TokenStep:
             k, v = k[:text_rows], v[:text_rows]
             if self.fold_cross:
                 folded = fold_cross_attention(layer.encoder_attn, k, v, quant)
-                mx.eval(
-                    folded
-                )  # layer by layer: a quantized layer's dequantized weights one at a time
+                # layer by layer: a quantized layer's dequantized weights exist one at a time
+                mx.eval(folded)
                 self.cross.append((*folded, mask.reshape(text_rows, 1, text_len)))
             else:
                 self.cross.append((k, v, mask))

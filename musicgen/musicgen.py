@@ -303,9 +303,7 @@ class MusicGen:
         codes = None if audio_prompt is None else self.encode_audio(audio_prompt)
         chroma = None if melody is None else self.encode_melody(melody, melody_sampling_rate)
         texts = [prompts] if prompts is None or isinstance(prompts, str) else list(prompts)
-        texts, codes = _same_batch(texts, codes, "audio prompts")
-        texts, chroma = _same_batch(texts, chroma, "melodies")
-        texts, codes = _same_batch(texts, codes, "audio prompts")  # again, after the melodies
+        texts, codes, chroma = _one_batch(texts, codes, chroma)
         start = 0 if codes is None else codes.shape[-1]
         gc = self.generation_config
         sampling = {
@@ -411,13 +409,17 @@ def _clips(audio) -> list[np.ndarray]:
     return list(a) if a.ndim == 3 else [a]
 
 
-def _same_batch(texts: list, rows: mx.array | None, what: str) -> tuple[list, mx.array | None]:
-    """Prompts and per-row conditioning (audio prompts, melodies) brought to one batch size: one of
-    either is repeated to match the other's count."""
-    if rows is None or len(texts) == rows.shape[0]:
-        return texts, rows
-    if len(texts) == 1:
-        return texts * rows.shape[0], rows
-    if rows.shape[0] == 1:
-        return texts, mx.repeat(rows, len(texts), axis=0)
-    raise ValueError(f"{len(texts)} prompts but {rows.shape[0]} {what}")
+def _one_batch(
+    texts: list, codes: mx.array | None, chroma: mx.array | None
+) -> tuple[list, mx.array | None, mx.array | None]:
+    """Prompts, audio prompts and melodies brought to one batch size: any of them given once is
+    repeated to the others' count."""
+    n = max([len(texts)] + [x.shape[0] for x in (codes, chroma) if x is not None])
+    for x, what in ((codes, "audio prompts"), (chroma, "melodies")):
+        if x is not None and {len(texts), x.shape[0]} - {1, n}:
+            raise ValueError(f"{len(texts)} prompts but {x.shape[0]} {what}")
+
+    def repeat(x: mx.array | None) -> mx.array | None:
+        return x if x is None or x.shape[0] == n else mx.repeat(x, n, axis=0)
+
+    return texts * (n // len(texts)), repeat(codes), repeat(chroma)
