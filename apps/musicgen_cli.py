@@ -35,6 +35,8 @@ DEFAULT_STEPS = 300
 DEFAULT_STRIDE = 18.0  # seconds: audiocraft's extend_stride, for music longer than the window
 MAX_DURATION = 3600.0  # seconds: longer requests are refused as a likely typo
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")  # musicgen.audio.FORMATS (not imported: it loads mlx)
+NORMALIZE_STRATEGIES = ("none", "peak", "rms", "loudness")  # musicgen.audio.NORMALIZE_STRATEGIES
+DEFAULT_LOUDNESS = -14.0
 MAX_RATES = {".ogg": 192_000}  # musicgen.audio.MAX_RATES
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
@@ -157,6 +159,20 @@ def generate_parser() -> Parser:
         type=positive_int,
         metavar="HZ",
         help="resample the output to HZ (soxr, high quality); default the model's rate",
+    )
+    g.add_argument(
+        "--normalize",
+        choices=NORMALIZE_STRATEGIES,
+        default="none",
+        help="level each file as audiocraft does: peak at -1 dBFS, rms at -18 dBFS, or loudness "
+        "(see --loudness, then a tanh soft clip); default none: the model's output, clipped to "
+        "[-1, 1]",
+    )
+    g.add_argument(
+        "--loudness",
+        type=float,
+        metavar="LUFS",
+        help=f"with --normalize loudness: the target integrated loudness ({DEFAULT_LOUDNESS:g})",
     )
     g.add_argument(
         "--no-metadata", action="store_true", help="do not write the FILE.json metadata sidecar"
@@ -380,6 +396,11 @@ def check_numbers(args) -> None:
             raise UsageError("--extend-stride goes with --duration")
         if not args.extend_stride > 0:
             raise UsageError(f"--extend-stride must be positive, got {args.extend_stride:g}")
+    if args.loudness is not None:
+        if args.normalize != "loudness":
+            raise UsageError("--loudness goes with --normalize loudness")
+        if not -70 <= args.loudness <= 0:
+            raise UsageError(f"--loudness must be in [-70, 0] LUFS, got {args.loudness:g}")
     if not args.include_prompt and args.audio_prompt is None:
         raise UsageError("--no-include-prompt goes with --audio-prompt")
     if args.unconditional and args.guidance is not None and args.melody is None:
@@ -960,6 +981,11 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
         rate = args.sample_rate
     else:
         clips = [audio[i] for i in range(len(prompts))]
+    loudness = DEFAULT_LOUDNESS if args.loudness is None else args.loudness
+    if args.normalize != "none":
+        from musicgen.audio import normalize
+
+        clips = [normalize(c, rate, args.normalize, loudness_db=loudness) for c in clips]
     frames = int(tokens.shape[-1])
     seconds = frames / model.frame_rate
     samples = int(clips[0].shape[0])
@@ -979,6 +1005,8 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
         "duration_s": samples / rate,
         "sample_rate": rate,
         "model_sample_rate": model.sampling_rate,
+        "normalize": args.normalize,
+        **({"loudness_lufs": loudness} if args.normalize == "loudness" else {}),
         "channels": int(clips[0].shape[-1]),
         "samples": samples,
         "timings_s": {

@@ -4,7 +4,7 @@ from musicgen._blas import load_blas
 
 load_blas()  # before anything imports mlx
 
-__all__ = ["MusicGen", "save_audio", "load_audio"]
+__all__ = ["MusicGen", "save_audio", "load_audio", "normalize"]
 
 
 def __getattr__(name: str):
@@ -13,7 +13,7 @@ def __getattr__(name: str):
         from musicgen.musicgen import MusicGen
 
         return MusicGen
-    if name in ("save_audio", "load_audio"):
+    if name in ("save_audio", "load_audio", "normalize"):
         from musicgen import audio
 
         return getattr(audio, name)

@@ -76,6 +76,63 @@ def save_audio(path: str | Path, audio, sampling_rate: int, *, subtype: str | No
     return path
 
 
+NORMALIZE_STRATEGIES = ("none", "peak", "rms", "loudness")
+
+
+def _decibels(db: float) -> float:
+    return 10.0 ** (db / 20.0)
+
+
+def normalize(
+    audio,
+    sampling_rate: int,
+    strategy: str = "loudness",
+    *,
+    peak_headroom_db: float = 1.0,
+    rms_headroom_db: float = 18.0,
+    loudness_db: float = -14.0,
+    compress: bool = True,
+) -> mx.array:
+    """Level one clip (samples, channels) as audiocraft's `audio_write` strategies do.
+
+    - "none": unchanged (saving clips it to [-1, 1]);
+    - "peak": the loudest sample at -`peak_headroom_db` dBFS;
+    - "rms": the mono mix's RMS at -`rms_headroom_db` dBFS (then clipped when saved);
+    - "loudness": `loudness_db` LUFS integrated loudness (ITU-R BS.1770-4, pyloudnorm), then a tanh
+      soft clip when `compress` (audiocraft's `loudness_compressor`). Near-silent clips (RMS below
+      2e-3) and clips shorter than the 0.4 s loudness block stay unchanged.
+    """
+    if strategy not in NORMALIZE_STRATEGIES:
+        raise ValueError(
+            f"unknown normalize strategy {strategy!r}: use one of {NORMALIZE_STRATEGIES}"
+        )
+    a = _to_numpy(audio).astype(np.float64)
+    if strategy == "peak":
+        peak = np.abs(a).max(initial=0.0)
+        if peak > 0:
+            a *= _decibels(-peak_headroom_db) / peak
+    elif strategy == "rms":
+        rms = np.sqrt(np.mean(a.mean(axis=1) ** 2)) if a.size else 0.0
+        if rms > 0:
+            a *= _decibels(-rms_headroom_db) / rms
+    elif strategy == "loudness":
+        a = _normalize_loudness(a, sampling_rate, loudness_db, compress)
+    return mx.array(a.astype(np.float32))
+
+
+def _normalize_loudness(a: np.ndarray, sampling_rate: int, target_db: float, compress: bool):
+    import pyloudnorm
+
+    block_s = 0.4
+    if a.shape[0] < block_s * sampling_rate or np.sqrt(np.mean(a**2)) < 2e-3:
+        return a
+    loudness = pyloudnorm.Meter(sampling_rate, block_size=block_s).integrated_loudness(a)
+    if not np.isfinite(loudness):  # every block below the -70 LUFS gate
+        return a
+    a = a * _decibels(target_db - loudness)
+    return np.tanh(a) if compress else a
+
+
 def resample(audio, from_rate: int, to_rate: int) -> mx.array:
     """Resample float audio (samples, channels) with soxr (high quality)."""
     a = _to_numpy(audio)

@@ -225,6 +225,31 @@ def test_numbering_never_overwrites(cli):
     ]
 
 
+def test_normalize_peak_and_loudness(cli):
+    """--normalize levels each file after resampling; the sidecar says how."""
+    import numpy as np
+    import pyloudnorm
+
+    common = ("--prompt", "happy rock", "--model", TINY, "--max-steps", 60, "--seed", 3)
+    assert_ok(cli(*common, "--normalize", "peak", "--sample-rate", 16000, "-o", "peak.wav"))
+    peak, rate = sf.read(cli.work / "peak.wav")
+    assert rate == 16000 and abs(np.abs(peak).max() - 10 ** (-1 / 20)) < 1 / 32768
+    assert json.loads((cli.work / "peak.wav.json").read_text())["normalize"] == "peak"
+
+    assert_ok(cli(*common, "--normalize", "loudness", "--loudness", -20, "-o", "loud.wav"))
+    loud, rate = sf.read(cli.work / "loud.wav")
+    # -20 LUFS: the tanh soft clip barely touches such a level; 16-bit rounding neither
+    assert abs(pyloudnorm.Meter(rate).integrated_loudness(loud) + 20) < 0.05
+    meta = json.loads((cli.work / "loud.wav.json").read_text())
+    assert (meta["normalize"], meta["loudness_lufs"]) == ("loudness", -20.0)
+
+    assert_ok(cli(*common, "-o", "raw.wav"))
+    raw, _ = sf.read(cli.work / "raw.wav")
+    assert json.loads((cli.work / "raw.wav.json").read_text())["normalize"] == "none"
+    # the same seed: the same music at another level
+    assert abs(np.corrcoef(raw, loud)[0, 1]) > 0.99
+
+
 def test_prompts_file_flac_resampled_duration(cli):
     (cli.work / "prompts.txt").write_text("# my prompts\n\nambient pads\n  \n# skip\nfast drums\n")
     out = cli.work / "out"
@@ -479,7 +504,13 @@ BAD = {
     ),
     "bad dtype": (["--prompt", "x", "--dtype", "int8"], "--dtype"),
     "bad quantize": (["--prompt", "x", "--quantize", "3"], "--quantize"),
-    "unknown flag": (["--prompt", "x", "--loud"], "--loud"),
+    "loudness without normalize": (["--prompt", "x", "--loudness", "-20"], "--normalize loudness"),
+    "loudness above 0 LUFS": (
+        ["--prompt", "x", "--normalize", "loudness", "--loudness", "3"],
+        "--loudness must be in [-70, 0] LUFS, got 3",
+    ),
+    "bad normalize": (["--prompt", "x", "--normalize", "lufs"], "--normalize"),
+    "unknown flag": (["--prompt", "x", "--louder"], "--louder"),
 }
 USAGE = 2
 
