@@ -1100,6 +1100,17 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def _clean_up(outputs: Outputs) -> None:
+    """Remove partial outputs with Ctrl+C and SIGTERM ignored: a second one must not break it."""
+    ignored = [getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)]
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in ignored}
+    try:
+        outputs.cleanup()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns (and exits with) the status."""
     # the console script: run again with huge pages where they help (apps/huge_pages.py)
@@ -1117,16 +1128,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             code = cmd_generate(argv, outputs)
     except (KeyboardInterrupt, Terminated) as e:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not break the cleanup
-        outputs.cleanup()
+        _clean_up(outputs)
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
         code = EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
     except CliError as e:
-        outputs.cleanup()
+        _clean_up(outputs)
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         code = e.code
     except Exception as e:
-        outputs.cleanup()
+        _clean_up(outputs)
         if os.environ.get(DEBUG_ENV):
             raise
         print(

@@ -368,7 +368,7 @@ class LSTM(nn.Module):
             return lstm_recurrence(gx, lambda h: product_in_pieces(h, pieces, side))
         h = c = mx.zeros((rows, self.Wh.shape[1]), dtype=x.dtype)
         hs = []
-        weight_first = _blas.weight_first()
+        weight_first = mx.default_device() == mx.cpu and _blas.weight_first()
         for t in range(x.shape[1]):
             h, c = _lstm_step(gx[:, t], h, c, self.Wh, weight_first)
             hs.append(h)
@@ -649,12 +649,12 @@ class EncodecModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: mx.Dtype = mx.float32) -> EncodecModel:
         """Load from a MusicGen composite folder (its `audio_encoder`) or a standalone EnCodec folder."""
-        from musicgen.weights import load_state_dict
+        from musicgen.weights import DECODER_MODEL_TYPES, load_state_dict
 
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
         weights = load_state_dict(path)
-        if config.get("model_type") == "musicgen":
+        if config.get("model_type") in DECODER_MODEL_TYPES:  # a composite MusicGen folder
             config = config["audio_encoder"]
             prefix = "audio_encoder."
             weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
@@ -40,7 +41,9 @@ def _to_numpy(audio) -> np.ndarray:
     return a
 
 
+@functools.cache
 def _umask() -> int:
+    """The process umask, read once (reading it means setting it: racy with threads making files)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -127,6 +127,9 @@ def _build() -> Path:
     target = _library_path()
     if target.exists():
         return target
+    failed = target.with_name(target.name + ".failed")
+    if failed.exists():  # the same source and toolchain failed before: do not pay for it each run
+        raise RuntimeError(f"{failed.read_text().strip()} (earlier; delete {failed} to try again)")
     compiler = shutil.which(_compiler())
     if compiler is None:
         raise RuntimeError(f"no C++ compiler ({_compiler()}; set CXX)")
@@ -161,6 +164,7 @@ def _build() -> Path:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["?"])[-1]
+            failed.write_text(f"compiling {SOURCE.name} failed: {last}\n")
             raise RuntimeError(f"compiling {SOURCE.name} failed: {last}")
         os.replace(built, target)  # whole or not at all, also with another process building
     return target

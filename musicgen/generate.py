@@ -281,7 +281,7 @@ def generate_long(
     The first window generates `window` frames (after the audio prompt of P frames, if any); each next one
     starts `stride` frames later and continues the last window - stride frames generated so far with the
     same conditioning. Memory is bounded by the window; one progress bar and one callback stream
-    (steps done, total steps) cover every window. Window i is seeded with seed + i * 0x9E3779B9.
+    (steps done, total steps) cover every window. Window i is seeded with seed + i * 0x9E3779B9 (mod 2**64).
     Melody: `chroma` is the same for every window, or a function of the window's first frame giving
     its chroma (audiocraft conditions each window on the melody's matching stretch).
     """
@@ -308,7 +308,7 @@ def generate_long(
                 length - context + delay,
                 prompt=prompt,
                 chroma=chroma(offset) if callable(chroma) else chroma,
-                seed=None if seed is None else (seed + i * 0x9E3779B9) % 2**32,
+                seed=None if seed is None else (seed + i * 0x9E3779B9) % 2**64,
                 progress=False,
                 callback=step,
                 **sampling,

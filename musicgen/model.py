@@ -447,7 +447,7 @@ class TokenStep:
             weight_first, small_product, split_products = False, 0, False
             fold_cross = True if self.bits else fold_cross
         if weight_first is None:
-            weight_first = _blas.weight_first()
+            weight_first = on_cpu and _blas.weight_first()  # a BLAS choice: CPU only
         if small_product is None and on_cpu:
             small_product = _blas.small_product_limit()
         self._side = _side_stream()  # the second stream, None on a GPU or with MKL

@@ -224,6 +224,11 @@ class MusicGen:
         a = a.reshape(1, -1, 1) if a.ndim == 1 else a[None] if a.ndim == 2 else a
         if a.ndim != 3 or a.shape[1] == 0:
             raise ValueError(f"expected (samples, channels) audio, got shape {tuple(a.shape)}")
+        if a.shape[-1] > a.shape[1]:
+            raise ValueError(
+                f"expected (samples, channels) audio, got shape {tuple(a.shape)}: more channels than "
+                "samples (channels-first audio needs transposing)"
+            )
         if self.audio_channels == 1 or a.shape[-1] > 2:
             a = a.mean(axis=-1, keepdims=True) if a.shape[-1] > 1 else a
         if self.audio_channels == 1:
@@ -303,15 +308,19 @@ class MusicGen:
         codes = None if audio_prompt is None else self.encode_audio(audio_prompt)
         chroma = None if melody is None else self.encode_melody(melody, melody_sampling_rate)
         texts = [prompts] if prompts is None or isinstance(prompts, str) else list(prompts)
+        if not texts:
+            raise ValueError(
+                "no prompts: give a prompt, a list of prompts, or None (unconditional)"
+            )
         texts, codes, chroma = _one_batch(texts, codes, chroma)
         start = 0 if codes is None else codes.shape[-1]
         gc = self.generation_config
-        sampling = {
-            "top_k": gc["top_k"] if top_k is None else top_k,
-            "top_p": gc["top_p"] if top_p is None else top_p,
-            "temperature": gc["temperature"] if temperature is None else temperature,
-            "guidance_coef": gc["guidance_coef"] if guidance_coef is None else guidance_coef,
-        }
+        sampling = _check_sampling(
+            top_k=gc["top_k"] if top_k is None else top_k,
+            top_p=gc["top_p"] if top_p is None else top_p,
+            temperature=gc["temperature"] if temperature is None else temperature,
+            guidance_coef=gc["guidance_coef"] if guidance_coef is None else guidance_coef,
+        )
         no_text = all(not t for t in texts)
         if no_text and chroma is None:
             sampling["guidance_coef"] = 1.0  # both CFG halves would be the same unconditional rows
@@ -344,6 +353,11 @@ class MusicGen:
             max_steps = frames + delay
         elif max_steps is None:
             max_steps = gc.get("max_length", 1500) - 1 - start
+            if max_steps <= delay:
+                raise ValueError(
+                    f"the audio prompt's {start} frames fill the model's {gc.get('max_length', 1500)}-"
+                    "frame window: give `duration` to continue it with the sliding window"
+                )
         if start + max_steps > limit:
             raise ValueError(
                 f"prompt + max_steps = {start + max_steps} exceeds the model's maximum "
@@ -384,17 +398,35 @@ class MusicGen:
 
         Give `max_steps` (decoder steps) or `duration` (seconds), not both; keyword arguments as
         generate_tokens.
-        One clip (no batch axis) for a str or None prompt unless the audio prompt is a (batch, ...) array.
+        One clip (no batch axis) for a str or None prompt, unless the audio prompt or the melody is a
+        batch (a (batch, samples, channels) array; a melody also a list of clips).
         """
         tokens = self.generate_tokens(
             prompts, max_steps, duration=duration, audio_prompt=audio_prompt, **kwargs
         )
         audio = self.decode_tokens(tokens)
         mx.eval(audio)
-        single = prompts is None or isinstance(prompts, str)
-        if audio_prompt is not None and getattr(audio_prompt, "ndim", 1) == 3:
-            single = False
-        return audio[0] if single else audio
+        batched = not (prompts is None or isinstance(prompts, str))
+        batched |= any(_is_batch(x) for x in (audio_prompt, kwargs.get("melody")))
+        return audio if batched else audio[0]
+
+
+def _is_batch(audio) -> bool:
+    """A list of clips or a (batch, samples, channels) array."""
+    return isinstance(audio, (list, tuple)) or getattr(audio, "ndim", 0) == 3
+
+
+def _check_sampling(**sampling) -> dict:
+    """The sampling settings, or ValueError for one out of range."""
+    if not (isinstance(sampling["top_k"], int) and sampling["top_k"] >= 0):
+        raise ValueError(f"top_k must be an int >= 0 (0: every token), got {sampling['top_k']!r}")
+    if not 0.0 <= sampling["top_p"] <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1] (0: off), got {sampling['top_p']!r}")
+    if not sampling["temperature"] >= 0.0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {sampling['temperature']!r}")
+    if not sampling["guidance_coef"] >= 0.0:
+        raise ValueError(f"guidance_coef must be >= 0, got {sampling['guidance_coef']!r}")
+    return sampling
 
 
 def _numpy(audio) -> np.ndarray:

@@ -54,6 +54,8 @@ TOKENIZER_FILES = (
 )
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 CACHE_FORMAT = 1
+# Folders in the cache root that are not conversions: the compiled CPU kernels, the bench's checkpoints.
+NOT_ENTRIES = ("kernels", "bench")
 OFFLINE_HINT = "connect once to download it, or pass --model PATH to a local folder"
 WEIGHT_NORM_SUFFIXES = ("weight_g", "weight_v", "original0", "original1")
 
@@ -603,7 +605,9 @@ def load_converted(
         "cast_encoders": cast_encoders,
         "quantize": quantize,
         "code": {c: _code_id(fn) for c, fn in sorted(sanitizers.items())}
-        | {"quantizer": _code_id(quantizer)},
+        | {"quantizer": _code_id(quantizer), "convert": _code_id(_convert)}
+        # MLX's quantized layout (packing, scales) is its own: another MLX converts again
+        | ({"mlx": mx.__version__} if quantize is not None else {}),
     }
     json.dumps(options)  # quantize must be JSON (it is part of the key)
     root = cache_root(cache_dir)
@@ -711,7 +715,7 @@ def cache_entries(cache_dir: str | Path | None = None, verify: bool = False) -> 
     root = cache_root(cache_dir)
     entries = []
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
-        if entry.name.startswith(".") or not entry.is_dir():
+        if entry.name.startswith(".") or entry.name in NOT_ENTRIES or not entry.is_dir():
             continue
         try:
             info = _check_entry(entry, verify)
@@ -724,7 +728,8 @@ def cache_entries(cache_dir: str | Path | None = None, verify: bool = False) -> 
 
 
 def clear_cache(cache_dir: str | Path | None = None, model: str | Path | None = None) -> int:
-    """Remove the entries of `model` (a repo id or folder), or all entries and leftovers; returns how many."""
+    """Remove the entries of `model` (a repo id or folder), or all entries and leftovers (not the
+    compiled kernels nor the bench's checkpoints); returns how many entries."""
     root = cache_root(cache_dir)
     if not root.is_dir():
         return 0
@@ -733,7 +738,7 @@ def clear_cache(cache_dir: str | Path | None = None, model: str | Path | None = 
         name = str(path.resolve()) if path.is_dir() else str(model)
         doomed = [Path(e["path"]) for e in cache_entries(root) if e.get("model") == name]
     else:
-        doomed = [p for p in root.iterdir() if p.is_dir()]
+        doomed = [p for p in root.iterdir() if p.is_dir() and p.name not in NOT_ENTRIES]
     for path in doomed:
         _remove(path)
     return sum(not p.name.startswith(".") for p in doomed)

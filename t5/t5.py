@@ -194,12 +194,12 @@ class T5Encoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: mx.Dtype = mx.float32) -> T5Encoder:
         """Load from a MusicGen composite folder (its text encoder) or a standalone T5 folder."""
-        from musicgen.weights import load_state_dict
+        from musicgen.weights import DECODER_MODEL_TYPES, load_state_dict
 
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
         weights = load_state_dict(path)
-        if config.get("model_type") == "musicgen":
+        if config.get("model_type") in DECODER_MODEL_TYPES:  # a composite MusicGen folder
             config = config["text_encoder"]
             prefix = "text_encoder."
             weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}

@@ -70,6 +70,18 @@ def test_seed_reproducibility(model):
     assert (np.array(a) == np.array(b)).all() and (np.array(a) != np.array(c)).any()
 
 
+def test_long_generation_keeps_all_64_bits_of_the_seed(model):
+    """Seeds 5 and 2**40 + 5 differ in every window, and the first window of a sliding-window run
+    is the one-pass run with the same seed."""
+    windows = {"duration": 0.6, "window_duration": 0.4, "extend_stride": 0.2}
+    a = np.array(model.generate_tokens("a", seed=5, **windows))
+    b = np.array(model.generate_tokens("a", seed=2**40 + 5, **windows))
+    one_pass = np.array(model.generate_tokens("a", duration=0.4, seed=2**40 + 5))
+    assert a.shape == b.shape == (1, 4, 30)
+    assert (a[..., :20] != b[..., :20]).any()
+    np.testing.assert_array_equal(b[..., :20], one_pass)
+
+
 def test_same_seed_gives_identical_audio_and_no_seed_differs(model):
     a = np.array(model.generate("a", max_steps=30, seed=7))
     b = np.array(model.generate("a", max_steps=30, seed=7))
@@ -116,6 +128,28 @@ def test_callback_gets_every_step_and_the_total(model, length):
 def test_max_steps_limit(model):
     with pytest.raises(ValueError):
         model.generate_tokens("a", max_steps=model.max_steps + 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompts": []}, "no prompts"),
+        ({"top_k": -1}, "top_k must be an int >= 0"),
+        ({"top_k": 2.5}, "top_k must be an int >= 0"),
+        ({"top_p": 1.5}, r"top_p must be in \[0, 1\]"),
+        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, "temperature must be >= 0"),
+        ({"guidance_coef": -2.0}, "guidance_coef must be >= 0"),
+        ({"audio_prompt": np.zeros((2, 32000))}, "more channels than samples"),
+        # 1500 frames of prompt: no room left in the window without a duration
+        ({"audio_prompt": np.zeros((1500 * 640, 1)), "max_steps": None}, "fill the model's 1500"),
+    ],
+    ids=lambda x: str(x) if isinstance(x, str) else None,
+)
+def test_bad_arguments_are_refused(model, kwargs, message):
+    kwargs = {"prompts": "a", "max_steps": 10, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        model.generate_tokens(**kwargs)
 
 
 @pytest.mark.parametrize("ext", ["wav", "flac", "ogg"])

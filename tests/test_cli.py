@@ -773,15 +773,21 @@ def test_convert_and_cache(cli, tmp_path):
     assert_ok(r)
     assert Path(r.stdout.strip()) == entry and "already converted" in r.stderr
 
+    # the compiled kernels and the bench's checkpoints share the folder but are not conversions
+    for other in ("kernels", "bench"):
+        (tmp_path / "cache" / other).mkdir()
+        (tmp_path / "cache" / other / "kept").write_text("x")
     r = cli("cache", "list", env=env)
     assert_ok(r)
     assert "1 entry" in r.stdout and str(TINY) in r.stdout and "float16" in r.stdout
+    assert "BROKEN" not in r.stdout and "kernels" not in r.stdout
     r = cli("cache", "list", "--json", env=env)
     assert [e["dtype"] for e in json.loads(r.stdout)] == ["float16"]
     r = cli("cache", "clear", env=env)
     assert_ok(r)
     assert r.stdout.startswith("Removed 1 entry")
     assert "0 entries" in cli("cache", "list", env=env).stdout
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["bench", "kernels"]
 
     r = cli("cache", "purge", env=env)
     assert r.returncode == USAGE and "invalid choice" in r.stderr

@@ -340,9 +340,11 @@ def test_the_layer_kernels_reject_what_they_do_not_run(kernels):
         run(mx.zeros((1, 264)), mx.zeros((3, 1, 264)), wide, wide, weights, [], 1, 0, 1, 1e-5)
 
 
-def test_the_kernels_build_into_the_cache_once(kernels, monkeypatch):
+def test_the_kernels_build_into_the_cache_once(monkeypatch):
     """Into an empty cache: one library named by its source, toolchain and CPU, written whole (no
     temporary left), and not built again; MUSICGEN_MLX_KERNELS=0 keeps MLX's operations."""
+    if not cpu_kernels.wanted():
+        pytest.skip("the CPU kernels run on x86-64 Linux with AVX-512 only")
     path = cpu_kernels._library_path()
     assert not path.exists()  # this test's fresh cache
     assert cpu_kernels._build() == path and path.exists()
@@ -368,6 +370,36 @@ def test_without_a_compiler_the_step_keeps_mlx_operations(monkeypatch, caplog):
         "musicgen CPU kernels unavailable (no C++ compiler (no-such-compiler; set CXX));"
         " using MLX's operations"
     ]
+
+
+def test_a_failed_build_is_not_tried_again(tmp_path, monkeypatch, caplog):
+    """A compiler that fails: its last line in the warning, and a marker so that the next process
+    does not run it again (it says how to retry)."""
+    if not cpu_kernels.wanted():
+        pytest.skip("the CPU kernels run on x86-64 Linux with AVX-512 only")
+    calls = tmp_path / "calls"
+    compiler = tmp_path / "broken-g++"
+    compiler.write_text(
+        f"#!/bin/sh\necho run >> {calls}\necho 'fatal error: mlx/mlx.h: missing' >&2\nexit 1\n"
+    )
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("MUSICGEN_MLX_CACHE", str(tmp_path / "cache"))
+    assert cpu_kernels.library() is None
+    assert cpu_kernels.library() is None
+    assert calls.read_text() == "run\n"  # compiled once
+    marker = cpu_kernels._library_path().with_name(cpu_kernels._library_path().name + ".failed")
+    first, again = (r.getMessage() for r in caplog.records)
+    assert first == (
+        "musicgen CPU kernels unavailable (compiling cpu_kernels.cpp failed: fatal error: "
+        "mlx/mlx.h: missing); using MLX's operations"
+    )
+    assert again == (
+        "musicgen CPU kernels unavailable (compiling cpu_kernels.cpp failed: fatal error: "
+        f"mlx/mlx.h: missing (earlier; delete {marker} to try again)); using MLX's operations"
+    )
+    marker.unlink()
+    assert cpu_kernels.library() is None and calls.read_text() == "run\nrun\n"
 
 
 @pytest.mark.parametrize("shape", [(2, 1024), (1, 2, 16), (3, 40)])

@@ -207,3 +207,29 @@ def test_melody_batch_mismatch(model):
     signal = melody_test_signal()
     with pytest.raises(ValueError, match="3 prompts but 2 melodies"):
         model.generate_tokens(["a", "b", "c"], 10, melody=[signal, signal])
+
+
+def test_generate_returns_a_batch_for_a_batch_of_melodies(model, expected):
+    """One prompt (or none) and two melodies: two clips, the first the same as its melody alone."""
+    signal = melody_test_signal()
+    both = model.generate(PROMPTS[0], 40, melody=[signal, signal[:64000]], **GREEDY)
+    assert both.shape == (2, 37 * 640, 1)
+    assert rel_err(both[0, :, 0], expected["text_melody_audio"][0, 0]) <= 1e-4
+    assert model.generate(
+        None, 20, melody=np.stack([signal, signal])[..., None], **GREEDY
+    ).shape == (
+        2,
+        17 * 640,
+        1,
+    )
+    assert model.generate(None, 20, melody=signal, **GREEDY).shape == (17 * 640, 1)
+
+
+def test_the_parts_load_from_a_melody_folder():
+    """T5Encoder and EncodecModel.from_pretrained take a MusicGen-Melody folder, as a MusicGen one."""
+    from encodec.encodec import EncodecModel
+    from t5.t5 import T5Encoder
+
+    folder = FIXTURES / "tiny-musicgen-melody"
+    assert T5Encoder.from_pretrained(folder).config.d_model > 0
+    assert EncodecModel.from_pretrained(folder).config.sampling_rate == 32000

@@ -682,6 +682,15 @@ def test_quantizer_hook_is_part_of_the_key(tmp_path):
         MONO, cache_dir=tmp_path, quantize={"bits": 4}, quantizer=quantizer, progress=False
     )
     assert len(calls) == 1
+    # the key names the converter's code, and for a quantized entry MLX's version (its packing)
+    plain_code = json.loads(Path(plain_config["_converted_path"], "manifest.json").read_text())[
+        "code"
+    ]
+    code = json.loads(Path(config["_converted_path"], "manifest.json").read_text())["code"]
+    assert (
+        plain_code["convert"].startswith("musicgen.weights._convert@") and "mlx" not in plain_code
+    )
+    assert code["mlx"] == mx.__version__ and code["convert"] == plain_code["convert"]
     with pytest.raises(ValueError, match="quantizer"):
         W.load_converted(MONO, cache_dir=tmp_path, quantize={"bits": 8}, progress=False)
 
