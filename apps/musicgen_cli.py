@@ -503,7 +503,7 @@ def peek_limits(model: str, revision: str | None) -> Limits:
     """Limits before loading: a local folder's config, a hub repo's cached config, else the published ones."""
     from musicgen.weights import WeightsError, load_config
 
-    config = peek_local_config(model)
+    config = peek_local_config(model, revision)
     folder = None if config is None else Path(model).expanduser()
     if config is None:
         path = cached_hub_config(model, revision)
@@ -615,7 +615,7 @@ def check_audio_file(path: str, option: str = "--audio-prompt") -> dict:
 def check_melody_model(lim: Limits) -> None:
     """--melody goes with a MusicGen-Melody model (unknown before loading a repo not in the cache)."""
     if lim.melody is False:
-        raise CliError(
+        raise UsageError(
             "--melody needs a MusicGen-Melody model (such as facebook/musicgen-melody); "
             "this one has no melody conditioning"
         )
@@ -850,7 +850,7 @@ def looks_like_path(model: str) -> bool:
     )
 
 
-def peek_local_config(model: str) -> dict | None:
+def peek_local_config(model: str, revision: str | None = None) -> dict | None:
     """The config of a local checkpoint folder (cheap; refuses unsupported model types), else None."""
     from musicgen.weights import WeightsError, load_config, weight_files
 
@@ -861,6 +861,8 @@ def peek_local_config(model: str) -> dict | None:
         if looks_like_path(model):
             raise CliError(f"no such model folder: {model}")
         return None
+    if revision is not None:
+        raise UsageError(f"--revision is for a hub repo id; {model} is a local folder")
     try:
         config = load_config(path)
         weight_files(path)
@@ -1043,7 +1045,7 @@ def cmd_convert(argv: list[str]) -> int:
     import musicgen  # noqa: F401  (OpenBLAS before mlx)
     from musicgen.weights import cache_entries
 
-    peek_local_config(args.model)
+    peek_local_config(args.model, args.revision)
     before = {e["path"] for e in cache_entries() if e.get("ok")}
     model = load_model(args)
     entry = Path(model.config["_converted_path"])

@@ -404,7 +404,7 @@ def test_melody_needs_a_melody_model(cli):
     write_prompt_wav(cli.work / "tune.wav")
     before = files(cli.work)
     r = cli("--prompt", "x", "--model", TINY, "--melody", "tune.wav", "--max-steps", 10)
-    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert r.returncode == USAGE and r.stderr.count("\n") == 1, r.stderr
     assert "--melody needs a MusicGen-Melody model" in r.stderr
     assert files(cli.work) == before
 
@@ -501,6 +501,10 @@ BAD = {
     "ogg above 192 kHz": (
         ["--prompt", "x", "--output", "x.ogg", "--sample-rate", "200000"],
         "--sample-rate must be at most 192000 Hz for .ogg files",
+    ),
+    "revision of a folder": (
+        ["--prompt", "x", "--revision", "main"],
+        "--revision is for a hub repo id",
     ),
     "bad dtype": (["--prompt", "x", "--dtype", "int8"], "--dtype"),
     "bad quantize": (["--prompt", "x", "--quantize", "3"], "--quantize"),
