@@ -6,10 +6,11 @@
     musicgen-bench --compare-transformers /tmp/ref/bin/python --repeats 2
 
 Without --model the checkpoint is a random-weight one of a published shape, written once (Hugging Face layout)
-to ~/.cache/musicgen-mlx/bench/<shape>. Each measurement runs in its own process (so that peak RSS is that of
-one load + one generation): one process converts the checkpoint into a private cache (cold load) and loads it
-again (warm), then each repeat runs one generation process of ours and, with --compare-transformers, one of
-transformers in the given interpreter, alternately. Batch 1, classifier-free guidance 3, top-k 250.
+to bench/<shape> in the conversion cache root ($MUSICGEN_MLX_CACHE, default ~/.cache/musicgen-mlx). Each
+measurement runs in its own process (so that peak RSS is that of one load + one generation): one process
+converts the checkpoint into a private cache (cold load) and loads it again (warm), then each repeat runs one
+generation process of ours and, with --compare-transformers, one of transformers in the given interpreter,
+alternately. Batch 1, classifier-free guidance 3, top-k 250.
 """
 
 from __future__ import annotations
