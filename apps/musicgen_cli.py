@@ -1067,7 +1067,7 @@ def human_size(n: float) -> str:
 
 def cmd_cache(argv: list[str]) -> int:
     args = cache_parser().parse_args(argv)
-    from musicgen.weights import cache_entries, cache_root, clear_cache
+    from musicgen.weights import cache_entries, cache_leftovers, cache_root, clear_cache
 
     root = cache_root()
     if args.action == "clear":
@@ -1092,6 +1092,13 @@ def cmd_cache(argv: list[str]) -> int:
             )
         else:
             print(f"  {Path(e['path']).name}  BROKEN ({e['error']}); rebuilt on next use")
+    leftovers = cache_leftovers()
+    if leftovers:
+        size = human_size(sum(left["size"] for left in leftovers))
+        print(
+            f"  and {len(leftovers)} folder{'s' * (len(leftovers) > 1)} ({size}) left by interrupted "
+            f"conversions: '{PROG} cache clear' removes them"
+        )
     return 0
 
 

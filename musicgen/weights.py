@@ -27,6 +27,7 @@ from musicgen.torch_pickle import WeightsError, iter_torch_file
 __all__ = [
     "WeightsError",
     "cache_entries",
+    "cache_leftovers",
     "cache_root",
     "clear_cache",
     "iter_tensors",
@@ -54,8 +55,12 @@ TOKENIZER_FILES = (
 )
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 CACHE_FORMAT = 1
-# Folders in the cache root that are not conversions: the compiled CPU kernels, the bench's checkpoints.
-NOT_ENTRIES = ("kernels", "bench")
+ENTRY_NAME = re.compile(r".+--[0-9a-f]{16}")  # _entry_name(): <slug>--<first 16 hex of the key>
+LEFTOVER_PREFIXES = (
+    ".tmp-",
+    ".trash-",
+)  # conversions in progress (or killed), removals in progress
+STALE_LEFTOVER_S = 3600  # a leftover whose process is gone and untouched this long is removed
 OFFLINE_HINT = "connect once to download it, or pass --model PATH to a local folder"
 WEIGHT_NORM_SUFFIXES = ("weight_g", "weight_v", "original0", "original1")
 
@@ -399,6 +404,54 @@ def _repo_commit(model: str, revision: str | None, token, root: Path) -> str | N
     return _cached_commit(model, revision, root)
 
 
+def _is_entry(path: Path) -> bool:
+    """A conversion in the cache root (not the kernels, the bench's checkpoints, or anything else)."""
+    if path.name.startswith(".") or not path.is_dir():
+        return False
+    return bool(ENTRY_NAME.fullmatch(path.name)) or (path / "manifest.json").is_file()
+
+
+def cache_leftovers(cache_dir: str | Path | None = None) -> list[dict]:
+    """Folders left by interrupted conversions or removals: `path` and `size` (bytes)."""
+    root = cache_root(cache_dir)
+    found = (
+        [p for p in root.iterdir() if p.is_dir() and p.name.startswith(LEFTOVER_PREFIXES)]
+        if root.is_dir()
+        else []
+    )
+    return [{"path": str(p), "size": _folder_size(p)} for p in sorted(found)]
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, someone else's
+        return True
+    return True
+
+
+def _remove_stale_leftovers(root: Path) -> None:
+    """Remove what killed conversions (SIGKILL, a power cut) left: gone processes, old folders."""
+    for left in cache_leftovers(root):
+        path = Path(left["path"])
+        pid = (
+            re.search(r"-(\d+)-[0-9a-f]{8}$", path.name) if path.name.startswith(".tmp-") else None
+        )
+        try:
+            old = time.time() - path.stat().st_mtime > STALE_LEFTOVER_S
+        except OSError:
+            continue
+        if old and (pid is None or not _pid_alive(int(pid.group(1)))):
+            logger.info("removing %s, left by an interrupted conversion", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _entry_name(model: str, key: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.strip("/").replace("/", "--"))[-60:].strip("-.")
     return f"{slug or 'model'}--{key[:16]}"
@@ -646,6 +699,7 @@ def load_converted(
     dtypes = {
         c: DTYPES[dtype_name] if c == "decoder" or cast_encoders else mx.float32 for c in COMPONENTS
     }
+    _remove_stale_leftovers(root)
     tmp = root / f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -715,7 +769,7 @@ def cache_entries(cache_dir: str | Path | None = None, verify: bool = False) -> 
     root = cache_root(cache_dir)
     entries = []
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
-        if entry.name.startswith(".") or entry.name in NOT_ENTRIES or not entry.is_dir():
+        if not _is_entry(entry):
             continue
         try:
             info = _check_entry(entry, verify)
@@ -728,8 +782,9 @@ def cache_entries(cache_dir: str | Path | None = None, verify: bool = False) -> 
 
 
 def clear_cache(cache_dir: str | Path | None = None, model: str | Path | None = None) -> int:
-    """Remove the entries of `model` (a repo id or folder), or all entries and leftovers (not the
-    compiled kernels nor the bench's checkpoints); returns how many entries."""
+    """Remove the entries of `model` (a repo id or folder), or all entries and leftovers of interrupted
+    conversions (nothing else: not the compiled kernels, nor the bench's checkpoints); returns how many
+    entries."""
     root = cache_root(cache_dir)
     if not root.is_dir():
         return 0
@@ -738,7 +793,9 @@ def clear_cache(cache_dir: str | Path | None = None, model: str | Path | None = 
         name = str(path.resolve()) if path.is_dir() else str(model)
         doomed = [Path(e["path"]) for e in cache_entries(root) if e.get("model") == name]
     else:
-        doomed = [p for p in root.iterdir() if p.is_dir() and p.name not in NOT_ENTRIES]
+        doomed = [p for p in root.iterdir() if _is_entry(p)]
+        for left in cache_leftovers(root):
+            shutil.rmtree(left["path"], ignore_errors=True)
     for path in doomed:
         _remove(path)
-    return sum(not p.name.startswith(".") for p in doomed)
+    return len(doomed)

@@ -777,21 +777,31 @@ def test_convert_and_cache(cli, tmp_path):
     assert_ok(r)
     assert Path(r.stdout.strip()) == entry and "already converted" in r.stderr
 
-    # the compiled kernels and the bench's checkpoints share the folder but are not conversions
-    for other in ("kernels", "bench"):
+    # the compiled kernels, the bench's checkpoints and anything else in the folder are not
+    # conversions: neither listed nor cleared; a killed conversion's leftover is shown, then cleared
+    for other in ("kernels", "bench", "Documents", ".ssh"):
         (tmp_path / "cache" / other).mkdir()
         (tmp_path / "cache" / other / "kept").write_text("x")
+    leftover = tmp_path / "cache" / f".tmp-{entry.name}-999999-0123abcd"
+    leftover.mkdir()
+    (leftover / "decoder.safetensors").write_bytes(bytes(1500))
     r = cli("cache", "list", env=env)
     assert_ok(r)
     assert "1 entry" in r.stdout and str(TINY) in r.stdout and "float16" in r.stdout
     assert "BROKEN" not in r.stdout and "kernels" not in r.stdout
+    assert (
+        "and 1 folder (1.5 KB) left by interrupted conversions: 'musicgen-cli cache clear'"
+        in r.stdout
+    )
     r = cli("cache", "list", "--json", env=env)
     assert [e["dtype"] for e in json.loads(r.stdout)] == ["float16"]
     r = cli("cache", "clear", env=env)
     assert_ok(r)
     assert r.stdout.startswith("Removed 1 entry")
     assert "0 entries" in cli("cache", "list", env=env).stdout
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["bench", "kernels"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        ".ssh", "Documents", "bench", "kernels"
+    ]  # fmt: skip
 
     r = cli("cache", "purge", env=env)
     assert r.returncode == USAGE and "invalid choice" in r.stderr

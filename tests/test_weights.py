@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -771,3 +772,23 @@ def test_every_format_gives_the_expected_greedy_tokens(tmp_path, fmt, names):
     model = MusicGen.from_pretrained(folder, dtype=mx.float32, progress=False)
     tokens = model.generate_tokens(prompts[:2], max_steps=40, top_k=1, guidance_coef=3.0)
     np.testing.assert_array_equal(np.array(tokens), expected)
+
+
+def test_a_killed_conversion_leaves_nothing_for_long(tmp_path):
+    """A `.tmp-` folder of a process that is gone, untouched for an hour, goes with the next
+    conversion; a recent one, or one whose process runs, stays (it may be converting)."""
+    tmp_path.joinpath("cache").mkdir()
+    stale = tmp_path / "cache" / ".tmp-x--0123456789abcdef-999999-0123abcd"
+    recent = tmp_path / "cache" / ".tmp-y--0123456789abcdef-999999-0123abcd"
+    running = tmp_path / "cache" / f".tmp-z--0123456789abcdef-{os.getpid()}-0123abcd"
+    for folder in (stale, recent, running):
+        folder.mkdir()
+        (folder / "decoder.safetensors").write_bytes(b"partial")
+    hour_ago = time.time() - W.STALE_LEFTOVER_S - 60
+    os.utime(stale, (hour_ago, hour_ago))
+    os.utime(running, (hour_ago, hour_ago))
+    assert [left["size"] for left in W.cache_leftovers(tmp_path / "cache")] == [7, 7, 7]
+    W.load_converted(MONO, cache_dir=tmp_path / "cache", progress=False)
+    assert not stale.exists() and recent.exists() and running.exists()
+    assert W.clear_cache(tmp_path / "cache") == 1  # the entry; the leftovers too
+    assert list((tmp_path / "cache").iterdir()) == []
