@@ -72,7 +72,8 @@ def run_again_with_huge_pages() -> None:
     env = environment()
     if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES") or not sys.executable:
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):  # None when the stream was closed (`>&-`)
+        if stream is not None:
+            stream.flush()
     with contextlib.suppress(OSError):  # cannot start again (an embedded interpreter): go on as is
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

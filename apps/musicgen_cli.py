@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +41,8 @@ NORMALIZE_STRATEGIES = ("none", "peak", "rms", "loudness")  # musicgen.audio.NOR
 DEFAULT_LOUDNESS = -14.0
 MAX_RATES = {".ogg": 192_000}  # musicgen.audio.MAX_RATES
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
-EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # handled like Ctrl+C; exit 128 + the signal (143, 129)
 DEBUG_ENV = "MUSICGEN_CLI_DEBUG"  # set to 1 to get the traceback of an unexpected error
 
 
@@ -57,7 +60,11 @@ class UsageError(CliError):
 
 
 class Terminated(BaseException):
-    """SIGTERM, handled like Ctrl+C (exit 143)."""
+    """SIGTERM or SIGHUP (a closed terminal), handled like Ctrl+C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.code = 128 + signum
 
 
 class Parser(argparse.ArgumentParser):
@@ -308,7 +315,7 @@ def read_prompts(args) -> list[str | None]:
             raise UsageError("--prompt is empty")
     if args.prompts_file:
         try:
-            text = Path(args.prompts_file).read_text(encoding="utf-8")
+            text = Path(args.prompts_file).read_text(encoding="utf-8-sig")  # a BOM is no prompt
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(
                 f"cannot read --prompts-file {args.prompts_file}: {reason(e)}"
@@ -350,39 +357,67 @@ def slug(prompt: str) -> str:
     return s or "musicgen"
 
 
+# a file's temp name (".NAME.12345678.partial.json" for its sidecar NAME.json) must fit NAME_MAX too
+MAX_NAME_BYTES = 255 - len("..12345678.partial.json")
+
+
+def check_name(name: str, option: str) -> None:
+    """UsageError if the file name (with its sidecar's and temp files' additions) is too long."""
+    size = len(os.fsencode(name))
+    if size > MAX_NAME_BYTES:
+        raise UsageError(
+            f"{option}: the file name is too long ({size} bytes, at most {MAX_NAME_BYTES})"
+        )
+
+
 def check_output(args, prompts: list[str | None]) -> Job:
     ext = f".{args.format}" if args.format else None
-    if args.output and args.output_dir:
+    if args.output is not None and args.output_dir is not None:
         raise UsageError("give --output or --output-dir, not both")
-    if args.output:
+    if args.output is not None:
         if args.prefix:
             raise UsageError("--prefix goes with --output-dir, not --output")
+        if not args.output.strip():
+            raise UsageError("--output is empty")
         out = Path(args.output).expanduser()
+        if out.is_dir():
+            raise UsageError(f"--output {out} is a folder (use --output-dir)")
         suffix = out.suffix.lower()
+        if not suffix and out.name.lower() in AUDIO_EXTENSIONS:
+            raise UsageError(f"--output {out.name} has no name before its extension")
         if suffix not in AUDIO_EXTENSIONS:
             raise UsageError(
                 f"unknown output format '{out.suffix or out.name}': use {', '.join(AUDIO_EXTENSIONS)}"
             )
         if ext and ext != suffix:
             raise UsageError(f"--format {args.format} contradicts --output {out.name}")
-        if out.is_dir():
-            raise UsageError(f"--output {out} is a folder (use --output-dir)")
         folder = out.parent
         check_folder(folder, "output folder")
         if len(prompts) == 1:
+            check_name(out.name, "--output")
+            if not args.no_metadata and sidecar(out).is_dir():
+                raise UsageError(f"{sidecar(out)} is a folder: the metadata cannot go there")
             return Job(prompts, folder, out.suffix, output=out)
+        check_name(f"{out.stem}_001{out.suffix}", "--output")
         return Job(prompts, folder, out.suffix, prefix=out.stem)
+    if args.output_dir is not None and not args.output_dir.strip():
+        raise UsageError("--output-dir is empty")
     folder = Path(args.output_dir).expanduser() if args.output_dir else Path(".")
     check_folder(folder, "--output-dir" if args.output_dir else "current folder")
     if args.prefix is not None:
         if not args.prefix.strip() or "/" in args.prefix or os.sep in args.prefix:
             raise UsageError(f"--prefix must be a plain file name, got '{args.prefix}'")
+        check_name(f"{args.prefix}_001{ext or '.wav'}", "--prefix")
         return Job(prompts, folder, ext or ".wav", prefix=args.prefix)
     names = [slug(p) if p else "unconditional" for p in prompts]
     return Job(prompts, folder, ext or ".wav", names=names)
 
 
 def check_numbers(args) -> None:
+    for name in ("duration", "extend_stride", "top_p", "temperature", "guidance", "loudness"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value:g}")
     if args.max_steps is not None and args.duration is not None:
         raise UsageError("give --max-steps or --duration, not both")
     if args.max_steps is not None and args.max_steps < 1:
@@ -466,11 +501,24 @@ def config_limits(config: dict, max_length: int | None) -> Limits:
 
 
 def model_limits(model, prompts: list[str | None] | None = None) -> Limits:
-    """The loaded model's Limits; with `prompts`, less the positions Melody's conditioning takes."""
+    """The loaded model's Limits; with `prompts`, less the positions Melody's conditioning takes
+    (UsageError when a long text leaves too few)."""
     positions = model.decoder_config.max_position_embeddings
+    low = max(model.decoder_config.delays) + 1
+    high = model.max_steps
+    if prompts is not None and model.is_melody:
+        prefix = model.prefix_positions(prompts)
+        high = positions - prefix
+        chroma = model.decoder_config.chroma_length
+        if high < low + model.max_duration * model.frame_rate / 10:  # under a tenth of the window
+            raise UsageError(
+                f"the text prompt is too long for this Melody model: its {prefix - chroma} tokens and "
+                f"the {chroma}-frame melody take {prefix} of the {positions} positions, leaving "
+                f"{max(high, 0)} steps"
+            )
     return Limits(
-        max(model.decoder_config.delays) + 1,
-        model.max_steps if prompts is None else positions - model.prefix_positions(prompts),
+        low,
+        high,
         model.frame_rate,
         model.sampling_rate,
         model.audio_encoder.hop_length,
@@ -534,6 +582,7 @@ def plan_length(args, lim: Limits, prompt_frames: int = 0) -> Plan:
     """Decoder steps for --max-steps / --duration (after an audio prompt), checked against the limits."""
     fr = lim.frame_rate
     prompt_s = f"the {prompt_frames / fr:g} s audio prompt"
+    melody_s = " after the Melody conditioning (melody and text)" if lim.melody else ""
     window_s = lim.window / fr
     stride_s = DEFAULT_STRIDE if args.extend_stride is None else args.extend_stride
     stride = int(stride_s * fr)
@@ -549,15 +598,16 @@ def plan_length(args, lim: Limits, prompt_frames: int = 0) -> Plan:
         if prompt_frames + frames <= lim.window:  # one pass
             steps = frames + lim.delay
             if prompt_frames + steps > lim.high:
+                what = f"{prompt_s} and --duration" if prompt_frames else "--duration"
                 raise UsageError(
-                    f"{prompt_s} and --duration {args.duration:g} s take {prompt_frames + steps} "
-                    f"steps, more than this model's {lim.high}"
+                    f"{what} {args.duration:g} s take{'s' * (not prompt_frames)} "
+                    f"{prompt_frames + steps} steps, more than this model's {lim.high}{melody_s}"
                 )
             return Plan(steps, None, frames, 1)
         from musicgen.generate import sliding_windows
 
         if not 0 < stride < lim.window:  # the default stride, on a model with a short window
-            raise CliError(
+            raise UsageError(
                 f"this model's window of {window_s:g} s is too short for the default "
                 f"--extend-stride of {stride_s:g} s: give a smaller one"
             )
@@ -567,9 +617,9 @@ def plan_length(args, lim: Limits, prompt_frames: int = 0) -> Plan:
                 "to continue beyond the window"
             )
         if lim.window + lim.delay > lim.high:
-            raise CliError(
-                f"this model's window of {lim.window} frames exceeds its {lim.high} steps: "
-                "give a --duration of at most the window"
+            raise UsageError(
+                f"this model's window of {lim.window} frames exceeds its {lim.high} steps"
+                f"{melody_s}: give a --duration of at most {(lim.high - lim.delay) / fr:g} s"
             )
         windows = sliding_windows(prompt_frames + frames, prompt_frames, lim.window, stride)
         steps = sum(length - context + lim.delay for _, context, length in windows)
@@ -596,8 +646,8 @@ def check_audio_file(path: str, option: str = "--audio-prompt") -> dict:
     import soundfile as sf
 
     if not Path(path).is_file():
-        what = "is a folder" if Path(path).is_dir() else "does not exist"
-        raise UsageError(f"{option} {path} {what}")
+        exists = "is not a regular file" if Path(path).exists() else "does not exist"
+        raise UsageError(f"{option} {path} {'is a folder' if Path(path).is_dir() else exists}")
     try:
         info = sf.info(path)
     except (OSError, RuntimeError, sf.LibsndfileError) as e:
@@ -627,9 +677,20 @@ def load_melody(path: str, lim: Limits):
 
     check_melody_model(lim)
     try:
-        return load_audio(path, lim.sampling_rate)[0]
+        audio = load_audio(path, lim.sampling_rate)[0]
     except (OSError, RuntimeError) as e:
         raise UsageError(f"cannot read --melody {path}: {reason(e)}") from None
+    return check_finite(audio, f"--melody {path}")
+
+
+def check_finite(audio, what: str):
+    """UsageError for audio holding NaN or infinite samples (a float file can): they spread to
+    every token."""
+    import mlx.core as mx
+
+    if not mx.all(mx.isfinite(audio)).item():
+        raise UsageError(f"{what} holds NaN or infinite samples")
+    return audio
 
 
 def load_prompt_audio(path: str, lim: Limits):
@@ -640,6 +701,7 @@ def load_prompt_audio(path: str, lim: Limits):
         audio, _ = load_audio(path, lim.sampling_rate)
     except (OSError, RuntimeError) as e:
         raise UsageError(f"cannot read --audio-prompt {path}: {reason(e)}") from None
+    check_finite(audio, f"--audio-prompt {path}")
     return audio, -(-int(audio.shape[0]) // lim.hop)
 
 
@@ -753,7 +815,9 @@ def sidecar(path: Path) -> Path:
 
 
 def write_file(outputs: Outputs, job: Job, i: int, audio, rate: int, metadata: dict | None) -> Path:
-    """Write clip i (and its sidecar) through a temp file; returns the final path."""
+    """Write clip i (and its sidecar) through temp files, both written before either replaces
+    anything (a full disk or a folder in the sidecar's place must not cost the old file); returns
+    the final path."""
     from musicgen.audio import save_audio
 
     while True:
@@ -765,6 +829,9 @@ def write_file(outputs: Outputs, job: Job, i: int, audio, rate: int, metadata: d
                 job.folder, prefix, job.ext, outputs.reserved, numbered=bool(job.prefix)
             )
             overwrite = False
+        meta = sidecar(dest)
+        if meta.is_dir():
+            raise CliError(f"cannot write {meta}: it is a folder")
         tmp = outputs.temp_for(dest)
         try:
             save_audio(tmp, audio, rate)
@@ -772,29 +839,32 @@ def write_file(outputs: Outputs, job: Job, i: int, audio, rate: int, metadata: d
             raise CliError(f"cannot write {dest}: {reason(e)}") from None
         except Exception as e:  # e.g. libsndfile refusing a rate for a format
             raise CliError(f"cannot write {dest}: {e}") from None
+        meta_tmp = None if metadata is None else outputs.temp_for(meta)
+        if meta_tmp is not None:
+            try:
+                meta_tmp.write_text(json.dumps({**metadata, "file": dest.name}, indent=2) + "\n")
+            except OSError as e:
+                raise CliError(f"cannot write {meta}: {reason(e)}") from None
         try:
             outputs.place(tmp, dest, overwrite)
         except FileExistsError:  # another process took the name meanwhile: next number
             outputs.reserved.add(dest.name)
-            tmp.unlink(missing_ok=True)
-            outputs.temps.discard(tmp)
+            for t in (tmp, meta_tmp):
+                if t is not None:
+                    t.unlink(missing_ok=True)
+                    outputs.temps.discard(t)
             continue
         except OSError as e:
             raise CliError(f"cannot write {dest}: {reason(e)}") from None
         outputs.reserved.add(dest.name)
         break
-    meta = sidecar(dest)
-    if metadata is None:
-        if overwrite:  # the sidecar of the file just replaced would describe other audio
-            with contextlib.suppress(FileNotFoundError):
-                meta.unlink()
-    else:
-        tmp = outputs.temp_for(meta)
-        try:
-            tmp.write_text(json.dumps({**metadata, "file": dest.name}, indent=2) + "\n")
-            outputs.place(tmp, meta, overwrite=True)
-        except OSError as e:
-            raise CliError(f"cannot write {meta}: {reason(e)}") from None
+    try:
+        if meta_tmp is not None:
+            outputs.place(meta_tmp, meta, overwrite=True)
+        elif overwrite:  # the sidecar of the file just replaced would describe other audio
+            meta.unlink(missing_ok=True)
+    except OSError as e:
+        raise CliError(f"cannot write {meta}: {reason(e)}") from None
     return dest
 
 
@@ -839,6 +909,24 @@ def load_model(args):
         raise CliError(str(e)) from None
     except OSError as e:  # download failures, unreadable files, full disk while converting
         raise CliError(f"cannot load {args.model}: {reason(e)}") from None
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        RuntimeError,
+    ) as e:  # weights that do not fit the config
+        if os.environ.get(DEBUG_ENV):
+            raise
+        raise CliError(
+            f"cannot load {args.model}: {type(e).__name__}: {one_line(e)} "
+            "(is it a complete MusicGen checkpoint?)"
+        ) from None
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (MLX lists missing parameters one a line)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines[:3]) + (" ..." if len(lines) > 3 else "")
 
 
 def looks_like_path(model: str) -> bool:
@@ -852,8 +940,10 @@ def looks_like_path(model: str) -> bool:
 
 def peek_local_config(model: str, revision: str | None = None) -> dict | None:
     """The config of a local checkpoint folder (cheap; refuses unsupported model types), else None."""
-    from musicgen.weights import WeightsError, load_config, weight_files
+    from musicgen.weights import WeightsError, check_companions, load_config, weight_files
 
+    if not model.strip():
+        raise UsageError("--model is empty")
     path = Path(model).expanduser()
     if path.exists() and not path.is_dir():
         raise CliError(f"--model {model} is a file: give the checkpoint's folder")
@@ -866,6 +956,7 @@ def peek_local_config(model: str, revision: str | None = None) -> dict | None:
     try:
         config = load_config(path)
         weight_files(path)
+        check_companions(path)
     except WeightsError as e:
         raise CliError(str(e)) from None
     return config
@@ -901,7 +992,10 @@ def cmd_generate(argv: list[str], outputs: Outputs) -> int:
     # refuse bad lengths before loading (a hub repo not in the cache: the published limits)
     lim = peek_limits(args.model, args.revision)
     audio_prompt, prompt_frames = None, 0
-    if args.audio_prompt is not None:
+    if prompt_info is not None:  # a prompt too long is refused from its header, before decoding
+        samples = round(prompt_info["duration_s"] * prompt_info["sample_rate"])
+        resampled = round(samples * lim.sampling_rate / prompt_info["sample_rate"])  # as soxr
+        plan_length(args, lim, -(-resampled // lim.hop))
         audio_prompt, prompt_frames = load_prompt_audio(args.audio_prompt, lim)
     plan_length(args, lim, prompt_frames)
     if args.melody is not None:
@@ -1106,12 +1200,14 @@ def cmd_cache(argv: list[str]) -> int:
 
 
 def _terminate(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def _clean_up(outputs: Outputs) -> None:
-    """Remove partial outputs with Ctrl+C and SIGTERM ignored: a second one must not break it."""
-    ignored = [getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name)]
+    """Remove partial outputs with Ctrl+C and the stop signals ignored: a second one must not
+    break it."""
+    names = ("SIGINT", *STOP_SIGNALS)
+    ignored = [getattr(signal, name) for name in names if hasattr(signal, name)]
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in ignored}
     try:
         outputs.cleanup()
@@ -1126,9 +1222,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         huge_pages.run_again_with_huge_pages()
     argv = sys.argv[1:] if argv is None else list(argv)
+    # library warnings (a BLAS that does not load, ...) as one line each, like the CLI's own
+    warnings.formatwarning = lambda message, *_args, **_kw: f"{PROG}: warning: {message}\n"
     outputs = Outputs()
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, _terminate)
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _terminate)
     try:
         if argv[:1] == ["convert"]:
             code = cmd_convert(argv[1:])
@@ -1139,7 +1238,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Terminated) as e:
         _clean_up(outputs)
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
-        code = EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+        code = e.code if isinstance(e, Terminated) else EXIT_INTERRUPTED
     except CliError as e:
         _clean_up(outputs)
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
@@ -1149,7 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get(DEBUG_ENV):
             raise
         print(
-            f"{PROG}: error: {type(e).__name__}: {e} (set {DEBUG_ENV}=1 for the traceback)",
+            f"{PROG}: error: {type(e).__name__}: {one_line(e)} (set {DEBUG_ENV}=1 for the traceback)",
             file=sys.stderr,
             flush=True,
         )

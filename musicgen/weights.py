@@ -68,6 +68,21 @@ WEIGHT_NORM_SUFFIXES = ("weight_g", "weight_v", "original0", "original1")
 # ---------------------------------------------------------------------------------------------- reading
 
 
+def check_companions(folder: str | Path) -> None:
+    """WeightsError unless a MusicGen folder has its T5 tokenizer (spiece.model) and, when present,
+    a readable generation_config.json."""
+    folder = Path(folder)
+    if not (folder / "spiece.model").is_file():
+        raise WeightsError(f"{folder} has no spiece.model (the T5 tokenizer's vocabulary)")
+    generation = folder / "generation_config.json"
+    if generation.exists():
+        try:
+            if not isinstance(json.loads(generation.read_text()), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise WeightsError(f"corrupt {generation} ({type(e).__name__}: {e})") from None
+
+
 def weight_files(folder: str | Path) -> tuple[str, list[Path]]:
     """("safetensors" | "bin", the weight files to read in order) of a checkpoint folder."""
     folder = Path(folder)
@@ -695,6 +710,7 @@ def load_converted(
         return hit
 
     config = load_config(folder)  # refuses unsupported model types before any work
+    check_companions(folder)
     logger.info("converting %s to %s (once; cached in %s)", name, dtype_name, entry)
     dtypes = {
         c: DTYPES[dtype_name] if c == "decoder" or cast_encoders else mx.float32 for c in COMPONENTS

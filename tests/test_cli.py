@@ -400,6 +400,14 @@ def test_melody_steps_limit_counts_the_prefix(cli):
     assert r.stderr.strip().splitlines()[-1].startswith("musicgen-cli: error: ")
 
 
+def test_library_warnings_are_one_line(cli):
+    r = cli("--prompt", "x", "--model", TINY, "--max-steps", 10, "-q", "--no-metadata",
+            env={"MUSICGEN_MLX_BLAS": "/no/such/libblas.so"})  # fmt: skip
+    assert_ok(r)
+    warning = [line for line in r.stderr.splitlines() if "/no/such/libblas.so" in line]
+    assert len(warning) == 1 and warning[0].startswith("musicgen-cli: warning: "), r.stderr
+
+
 def test_melody_needs_a_melody_model(cli):
     write_prompt_wav(cli.work / "tune.wav")
     before = files(cli.work)
@@ -434,9 +442,16 @@ def test_play(cli, tmp_path):
 def broken_checkpoint(tmp_path: Path, how: str) -> Path:
     folder = tmp_path / f"ckpt-{how}"
     shutil.copytree(TINY, folder)
+    config = json.loads((folder / "config.json").read_text())
     if how == "model-type":
-        config = json.loads((folder / "config.json").read_text())
         config["model_type"] = "bark"
+        (folder / "config.json").write_text(json.dumps(config))
+    elif how == "no-tokenizer":
+        (folder / "spiece.model").unlink()
+    elif how == "generation-config":
+        (folder / "generation_config.json").write_text("garbage{")
+    elif how == "wider-config":  # weights that do not fit the config
+        config["decoder"]["hidden_size"] *= 2
         (folder / "config.json").write_text(json.dumps(config))
     else:  # a truncated weights file
         weights = folder / "model.safetensors"
@@ -506,6 +521,33 @@ BAD = {
         ["--prompt", "x", "--revision", "main"],
         "--revision is for a hub repo id",
     ),
+    "infinite temperature": (
+        ["--prompt", "x", "--temperature", "inf"],
+        "--temperature must be a finite",
+    ),
+    "infinite stride": (
+        ["--prompt", "x", "--duration", "40", "--extend-stride", "inf"],
+        "--extend-stride must be a finite number, got inf",
+    ),
+    "empty output": (["--prompt", "x", "--output", ""], "--output is empty"),
+    "output is a folder": (["--prompt", "x", "--output", "."], "is a folder (use --output-dir)"),
+    "output without a name": (
+        ["--prompt", "x", "--output", ".wav"],
+        "no name before its extension",
+    ),
+    "empty output dir": (["--prompt", "x", "--output-dir", ""], "--output-dir is empty"),
+    "prefix too long": (["--prompt", "x", "--prefix", "p" * 240], "file name is too long"),
+    "output too long": (["--prompt", "x", "--output", "o" * 240 + ".wav"], "file name is too long"),
+    "sidecar is a folder": (
+        ["--prompt", "x", "--output", "taken.wav"],
+        "the metadata cannot go there",
+    ),
+    "audio prompt with NaN": (["--prompt", "x", "--audio-prompt", "nan.wav"], "NaN or infinite"),
+    "audio prompt not a file": (
+        ["--prompt", "x", "--audio-prompt", "/dev/null"],
+        "/dev/null is not a regular file",
+    ),
+    "empty model": (["--prompt", "x", "--model", ""], "--model is empty"),
     "bad dtype": (["--prompt", "x", "--dtype", "int8"], "--dtype"),
     "bad quantize": (["--prompt", "x", "--quantize", "3"], "--quantize"),
     "loudness without normalize": (["--prompt", "x", "--loudness", "-20"], "--normalize loudness"),
@@ -525,8 +567,12 @@ def test_bad_input(cli, case):
     (cli.work / "blank.txt").write_text("# only a comment\n\n")
     write_prompt_wav(cli.work / "riff.wav")
     write_prompt_wav(cli.work / "long.wav", seconds=45, rate=8000, channels=1)
+    (cli.work / "taken.wav.json").mkdir()
+    import numpy as np
+
+    sf.write(cli.work / "nan.wav", np.full((8000, 1), np.nan, np.float32), 16000, subtype="FLOAT")
     before = files(cli.work)
-    r = cli(*args, "--model", TINY)
+    r = cli("--model", TINY, *args)
     assert r.returncode == USAGE, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("musicgen-cli: error: "), r.stderr
     assert expect in r.stderr
@@ -542,6 +588,9 @@ def test_bad_input(cli, case):
         "model type",
         "corrupt weights",
         "a file",
+        "no tokenizer",
+        "corrupt generation config",
+        "weights unlike the config",
     ],
 )
 def test_bad_model(cli, tmp_path, case):
@@ -555,6 +604,15 @@ def test_bad_model(cli, tmp_path, case):
         "model type": (broken_checkpoint(tmp_path, "model-type"), "model type 'bark'"),
         "corrupt weights": (broken_checkpoint(tmp_path, "truncated"), "corrupt or truncated"),
         "a file": (TINY / "config.json", "is a file"),
+        "no tokenizer": (broken_checkpoint(tmp_path, "no-tokenizer"), "has no spiece.model"),
+        "corrupt generation config": (
+            broken_checkpoint(tmp_path, "generation-config"),
+            "generation_config.json (JSONDecodeError",
+        ),
+        "weights unlike the config": (
+            broken_checkpoint(tmp_path, "wider-config"),
+            "(is it a complete MusicGen checkpoint?)",
+        ),
     }[case]
     cache = tmp_path / "own-cache"  # a failed conversion must leave no entry behind
     r = cli("--prompt", "x", "--model", model, env={"MUSICGEN_MLX_CACHE": str(cache)})
@@ -563,7 +621,8 @@ def test_bad_model(cli, tmp_path, case):
     assert last.startswith("musicgen-cli: error: ") and expect in last, r.stderr
     assert "Traceback" not in r.stderr
     assert files(cli.work) == []
-    assert not cache.exists() or files(cache) == []
+    if case != "weights unlike the config":  # that one converts (faithfully), then fails to load
+        assert not cache.exists() or files(cache) == []
 
 
 def without_dac_override() -> list[str]:
@@ -700,9 +759,12 @@ def test_version_and_help(cli):
 # ------------------------------------------------------------------------------------ Ctrl+C
 
 
-def interrupt_when(cli, args: list, cache: Path, progress: bytes, at_least: int) -> None:
-    """Run the CLI, send a real SIGINT once `progress` (a regex with one number) reaches `at_least`,
-    and check the clean exit: 130, one short line, no traceback, no output, nothing in the work folder."""
+def interrupt_when(
+    cli, args: list, cache: Path, progress: bytes, at_least: int, sig=signal.SIGINT, code=130
+) -> None:
+    """Run the CLI, send a real `sig` once `progress` (a regex with one number) reaches `at_least`,
+    and check the clean exit: `code`, one short line, no traceback, no output, nothing in the work
+    folder."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "apps.musicgen_cli", *map(str, args)],
         cwd=cli.work,
@@ -723,24 +785,30 @@ def interrupt_when(cli, args: list, cache: Path, progress: bytes, at_least: int)
         if counts and max(counts) >= at_least:
             break
     assert proc.poll() is None, seen.decode(errors="replace")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     err = err.decode()
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert err.strip().splitlines()[-1].strip() == "musicgen-cli: interrupted"
     assert "Traceback" not in err and out == b""
     assert files(cli.work) == []
 
 
-def test_sigint_during_generation_leaves_nothing(cli, tmp_path):
-    """A real SIGINT while the decoder runs: exit 130, one short line, no files, no traceback, and
-    a conversion cache with its finished entry and no temporary folder."""
+@pytest.mark.parametrize(
+    "sig, code",
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+    ids=["SIGINT", "SIGTERM", "SIGHUP"],
+)
+def test_sigint_during_generation_leaves_nothing(cli, tmp_path, sig, code):
+    """A real SIGINT (or SIGTERM, or SIGHUP: a closed terminal) while the decoder runs: exit 128 +
+    the signal, one short line, no files, no traceback, and a conversion cache with its finished
+    entry and no temporary folder."""
     cache = tmp_path / "own-cache"  # converted by this run
     prompts = [a for i in range(4) for a in ("--prompt", f"prompt {i}")]
     args = [*prompts, "--model", TINY, "--max-steps", "2048", "--output", "long.wav"]
     # Wait for at least 10 decoder steps: the run is well inside the loop (and past MLX's one-off
     # `system("g++ --version")` check, during which glibc ignores SIGINT).
-    interrupt_when(cli, args, cache, rb"(\d+)/2048 \[", 10)
+    interrupt_when(cli, args, cache, rb"(\d+)/2048 \[", 10, sig, code)
     entries = files(cache)
     assert entries and not [e for e in entries if e.startswith(".tmp-")], entries
 
