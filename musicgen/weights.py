@@ -717,7 +717,13 @@ def load_converted(
     }
     _remove_stale_leftovers(root)
     tmp = root / f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except PermissionError:
+        raise WeightsError(
+            f"cannot convert {name}: the conversion cache {root} is not writable "
+            "(set MUSICGEN_MLX_CACHE to a writable folder)"
+        ) from None
     try:
         _convert(folder, tmp, dtypes, sanitizers, quantizer, progress)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -671,6 +671,23 @@ def test_output_folder_not_writable(cli):
         locked.chmod(0o700)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_conversion_cache_not_writable(cli, tmp_path):
+    """A read-only cache without the model's entry: the message names the cache, not the model."""
+    cache = tmp_path / "read-only-cache"
+    cache.mkdir(mode=0o500)
+    try:
+        r = cli("--prompt", "x", "--model", TINY, env={"MUSICGEN_MLX_CACHE": str(cache)},
+                wrap=without_dac_override())  # fmt: skip
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr == (
+            f"musicgen-cli: error: cannot convert {TINY}: the conversion cache {cache} is not "
+            "writable (set MUSICGEN_MLX_CACHE to a writable folder)\n"
+        )
+    finally:
+        cache.chmod(0o700)
+
+
 def fake_hub_cache(root: Path, repo: str, config: dict) -> Path:
     """A Hugging Face cache holding only `repo`'s config.json (as a download of it would leave)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
