@@ -909,18 +909,18 @@ def load_model(args):
         raise CliError(str(e)) from None
     except OSError as e:  # download failures, unreadable files, full disk while converting
         raise CliError(f"cannot load {args.model}: {reason(e)}") from None
-    except (
-        KeyError,
-        TypeError,
-        ValueError,
-        RuntimeError,
-    ) as e:  # weights that do not fit the config
+    # weights that do not fit the config (missing or extra tensors, wrong shapes)
+    except (KeyError, TypeError, ValueError) as e:
         if os.environ.get(DEBUG_ENV):
             raise
         raise CliError(
             f"cannot load {args.model}: {type(e).__name__}: {one_line(e)} "
             "(is it a complete MusicGen checkpoint?)"
         ) from None
+    except RuntimeError as e:  # MLX's I/O errors (e.g. a full disk while converting)
+        if os.environ.get(DEBUG_ENV):
+            raise
+        raise CliError(f"cannot load {args.model}: {one_line(e)}") from None
 
 
 def one_line(e: BaseException) -> str:
