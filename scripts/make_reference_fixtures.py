@@ -79,6 +79,11 @@ Expected outputs, in expected/ (all arrays float32 or int32; prompts in expected
                last 8 positions of its 266. continuation_tokens (1, 4, 42): PROMPTS[0] + chroma continuing
                continuation.npz's prompt_audio (its 25 EnCodec frames as decoder_input_ids; transformers
                prepends bos), max_new_tokens=20, the prompt frames included.
+- modes.npz:   left, right: 0.5 s decaying tones of 440 and 660 Hz (16000 samples). stereo_tokens (1, 8, 42)
+               and stereo_audio (1, 2, 26880): the stereo model continuing [left, right] as one stereo
+               prompt with PROMPTS[0], max_new_tokens=20; batch_tokens (2, 4, 34) and batch_audio (2, 1,
+               21760): the mono model continuing left and right with the padded pair PROMPTS[:2]
+               (max_new_tokens=12). Greedy CFG 3.0; prompt frames included.
 - tensors-bf16.npz: expected float32 values of tensors-bf16.bin (keys a, b, c).
 """
 
@@ -391,6 +396,12 @@ def greedy(model, max_new_tokens: int, **inputs):
     return codes.to(torch.int32).numpy(), audio.float().numpy()
 
 
+def decaying_tone(freq: float, samples: int = 16000) -> torch.Tensor:
+    """0.5 s of a decaying sine at 32 kHz (tests/test_modes.py's `tone`)."""
+    t = torch.arange(samples, dtype=torch.float64) / 32000
+    return (0.5 * torch.sin(2 * torch.pi * freq * t) * torch.exp(-3 * t)).float()
+
+
 def long_test_signal() -> np.ndarray:
     """The 30 s test signal for EnCodec encode parity (also recomputed by the tests)."""
     t = np.arange(30 * 32000, dtype=np.float64) / 32000
@@ -643,6 +654,21 @@ def build(out: Path) -> None:
     )  # the chroma settings, as published
     with torch.no_grad():
         np.savez(expected / "melody.npz", **melody_expected(melody, tokenizer, gen))
+
+    # more modes against transformers (no draws from `gen`): a stereo model continuing a stereo
+    # prompt, and a batch of two prompts of different lengths continuing two audio prompts
+    with torch.no_grad():
+        left, right = decaying_tone(440), decaying_tone(660)
+        modes = {"left": left.numpy(), "right": right.numpy()}
+        stereo_prompt = torch.stack([left, right])[None]  # (1, 2, samples)
+        modes["stereo_tokens"], modes["stereo_audio"] = greedy(
+            stereo, 20, input_values=stereo_prompt, **single
+        )
+        pair_prompts = torch.stack([left, right])[:, None]  # (2, 1, samples)
+        modes["batch_tokens"], modes["batch_audio"] = greedy(
+            mono, 12, input_values=pair_prompts, **pair
+        )
+        np.savez(expected / "modes.npz", **modes)
 
 
 #: The versions that made the committed fixtures (see the module docstring).

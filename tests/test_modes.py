@@ -148,6 +148,27 @@ def test_stereo_continuation_encodes_each_channel(stereo):
     assert stereo.generate(PROMPTS[0], 20, audio_prompt=left, **GREEDY).shape == (42 * 640, 2)
 
 
+def test_stereo_continuation_matches_transformers(stereo):
+    """A stereo prompt (440 Hz left, 660 Hz right) continued by the stereo model: transformers' tokens
+    and audio."""
+    modes = np.load(EXPECTED / "modes.npz")
+    prompt = np.stack([modes["left"], modes["right"]], 1)
+    tokens = stereo.generate_tokens(PROMPTS[0], 20, audio_prompt=prompt, **GREEDY)
+    np.testing.assert_array_equal(np.array(tokens), modes["stereo_tokens"])
+    audio = stereo.decode_tokens(tokens)
+    assert rel_err(audio, modes["stereo_audio"].transpose(0, 2, 1)) <= 1e-4
+
+
+def test_batched_continuation_matches_transformers(model):
+    """Two prompts of different lengths (padded) continuing two audio prompts, in one batch."""
+    modes = np.load(EXPECTED / "modes.npz")
+    prompts = np.stack([modes["left"], modes["right"]])[..., None]
+    tokens = model.generate_tokens(PROMPTS[:2], 12, audio_prompt=prompts, **GREEDY)
+    np.testing.assert_array_equal(np.array(tokens), modes["batch_tokens"])
+    audio = model.decode_tokens(tokens)
+    assert rel_err(audio, modes["batch_audio"].transpose(0, 2, 1)) <= 1e-4
+
+
 # --- longer than the window ------------------------------------------------------------------------
 
 
