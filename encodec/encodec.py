@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from musicgen import _blas
+from musicgen import _blas, cpu_kernels
 
 
 @dataclass
@@ -179,7 +179,8 @@ class ELU(nn.Module):
 
     def pieces(self, x: mx.array) -> list[mx.array]:
         """ELU of x as consecutive chunks of time (for a caller that concatenates anyway)."""
-        if x.size < _SPLIT_ELEMENTS or mx.default_device() != mx.cpu or x.shape[1] < 2:
+        small = x.size < _SPLIT_ELEMENTS or x.shape[1] < 2
+        if small or mx.default_device() != mx.cpu or _elu_kernel(x):  # the kernel uses both cores
             return [_elu(x)]
         # MLX's CPU element-wise ops are single-threaded: the two halves of time run on two streams
         half = x.shape[1] // 2
@@ -191,7 +192,17 @@ class ELU(nn.Module):
 
 
 def _elu(x: mx.array) -> mx.array:
+    kernels = _elu_kernel(x)
+    if kernels:  # vectorized over both cores: ~1 s less for 30 s of audio
+        return kernels.elu(x)
     return mx.maximum(x, 0) + mx.expm1(mx.minimum(x, 0))
+
+
+def _elu_kernel(x: mx.array):
+    """Our CPU kernels (musicgen.cpu_kernels) where they run x's ELU, else None."""
+    if x.dtype != mx.float32 or mx.default_device() != mx.cpu:
+        return None
+    return cpu_kernels.load()
 
 
 _STREAMS: list = []

@@ -192,5 +192,6 @@ def _check(module: ModuleType) -> None:
             mx.allclose(module.few_row_product(x, w), x @ w.T, atol=1e-4).item()
             and mx.allclose(module.layer_norm(x, w[0], w[1], 1e-5), normed, atol=1e-5).item()
             and mx.allclose(qkv, mx.stack([expected * 0.5, expected, expected]), atol=1e-4).item()
+            and mx.allclose(module.elu(x), mx.where(x > 0, x, mx.expm1(x)), atol=1e-6).item()
         ):
             raise RuntimeError("results differ from MLX's")
