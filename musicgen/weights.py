@@ -56,10 +56,8 @@ TOKENIZER_FILES = (
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 CACHE_FORMAT = 1
 ENTRY_NAME = re.compile(r".+--[0-9a-f]{16}")  # _entry_name(): <slug>--<first 16 hex of the key>
-LEFTOVER_PREFIXES = (
-    ".tmp-",
-    ".trash-",
-)  # conversions in progress (or killed), removals in progress
+# folders of conversions in progress (or killed) and of removals in progress
+LEFTOVER_PREFIXES = (".tmp-", ".trash-")
 STALE_LEFTOVER_S = 3600  # a leftover whose process is gone and untouched this long is removed
 OFFLINE_HINT = "connect once to download it, or pass --model PATH to a local folder"
 WEIGHT_NORM_SUFFIXES = ("weight_g", "weight_v", "original0", "original1")
@@ -428,13 +426,15 @@ def _is_entry(path: Path) -> bool:
 
 def cache_leftovers(cache_dir: str | Path | None = None) -> list[dict]:
     """Folders left by interrupted conversions or removals: `path` and `size` (bytes)."""
-    root = cache_root(cache_dir)
-    found = (
-        [p for p in root.iterdir() if p.is_dir() and p.name.startswith(LEFTOVER_PREFIXES)]
-        if root.is_dir()
-        else []
-    )
-    return [{"path": str(p), "size": _folder_size(p)} for p in sorted(found)]
+    return [
+        {"path": str(p), "size": _folder_size(p)} for p in _leftover_folders(cache_root(cache_dir))
+    ]
+
+
+def _leftover_folders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(LEFTOVER_PREFIXES))
 
 
 def _folder_size(folder: Path) -> int:
@@ -453,8 +453,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _remove_stale_leftovers(root: Path) -> None:
     """Remove what killed conversions (SIGKILL, a power cut) left: gone processes, old folders."""
-    for left in cache_leftovers(root):
-        path = Path(left["path"])
+    for path in _leftover_folders(root):
         pid = (
             re.search(r"-(\d+)-[0-9a-f]{8}$", path.name) if path.name.startswith(".tmp-") else None
         )
@@ -816,8 +815,8 @@ def clear_cache(cache_dir: str | Path | None = None, model: str | Path | None = 
         doomed = [Path(e["path"]) for e in cache_entries(root) if e.get("model") == name]
     else:
         doomed = [p for p in root.iterdir() if _is_entry(p)]
-        for left in cache_leftovers(root):
-            shutil.rmtree(left["path"], ignore_errors=True)
+        for path in _leftover_folders(root):
+            shutil.rmtree(path, ignore_errors=True)
     for path in doomed:
         _remove(path)
     return len(doomed)
