@@ -7,6 +7,7 @@ See docs/weights.md for the cache layout and the environment variables.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -762,7 +763,9 @@ def _try_entry(entry: Path, verify: bool | None):
         return _load_entry(entry, verify)
     except WeightsError as e:
         logger.warning("rebuilding the conversion cache entry %s: %s", entry.name, e)
-        _remove(entry)
+        # a read-only cache keeps it: converting fails next, with a message that says so
+        with contextlib.suppress(OSError):
+            _remove(entry)
         return None
 
 

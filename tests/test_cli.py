@@ -672,18 +672,29 @@ def test_output_folder_not_writable(cli):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
-def test_conversion_cache_not_writable(cli, tmp_path):
-    """A read-only cache without the model's entry: the message names the cache, not the model."""
+@pytest.mark.parametrize("broken_entry", [False, True], ids=["empty", "a broken entry"])
+def test_conversion_cache_not_writable(cli, tmp_path, broken_entry):
+    """A read-only cache without a usable entry for the model (none, or a damaged one it cannot
+    remove): the message names the cache, not the model."""
     cache = tmp_path / "read-only-cache"
-    cache.mkdir(mode=0o500)
+    env = {"MUSICGEN_MLX_CACHE": str(cache)}
+    if broken_entry:
+        converted = cli("convert", "--model", TINY, "-q", env=env)
+        assert_ok(converted)
+        entry = Path(converted.stdout.strip())  # convert prints the entry's folder
+        weights = entry / "decoder.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    else:
+        cache.mkdir()
+    cache.chmod(0o500)
     try:
-        r = cli("--prompt", "x", "--model", TINY, env={"MUSICGEN_MLX_CACHE": str(cache)},
-                wrap=without_dac_override())  # fmt: skip
-        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-        assert r.stderr == (
+        r = cli("--prompt", "x", "--model", TINY, env=env, wrap=without_dac_override())
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.splitlines()[-1] == (
             f"musicgen-cli: error: cannot convert {TINY}: the conversion cache {cache} is not "
-            "writable (set MUSICGEN_MLX_CACHE to a writable folder)\n"
+            "writable (set MUSICGEN_MLX_CACHE to a writable folder)"
         )
+        assert "Traceback" not in r.stderr
     finally:
         cache.chmod(0o700)
 
