@@ -646,8 +646,13 @@ def check_audio_file(path: str, option: str = "--audio-prompt") -> dict:
     import soundfile as sf
 
     if not Path(path).is_file():
-        exists = "is not a regular file" if Path(path).exists() else "does not exist"
-        raise UsageError(f"{option} {path} {'is a folder' if Path(path).is_dir() else exists}")
+        if Path(path).is_dir():
+            what = "is a folder"
+        elif Path(path).exists():
+            what = "is not a regular file"  # /dev/null, a pipe
+        else:
+            what = "does not exist"
+        raise UsageError(f"{option} {path} {what}")
     try:
         info = sf.info(path)
     except (OSError, RuntimeError, sf.LibsndfileError) as e:
